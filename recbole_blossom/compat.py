@@ -1,0 +1,154 @@
+"""Compatibility shims that let RecBole 1.2.1 run on today's stack.
+
+Applied once, when ``recbole_blossom`` is imported. Each shim fixes one breakage and is covered by a
+test in ``tests/test_compat.py``:
+
+* ``numpy_aliases``: RecBole's ``Config.compatibility_settings`` reads ``np.float_``, ``np.complex_``
+  and ``np.unicode_``, which numpy 2 removed.
+* ``pandas_seq_fillna``: under pandas 3 (copy-on-write) RecBole's chained
+  ``df[field].fillna(..., inplace=True)`` does nothing, so missing sequence fields crash the loader and
+  missing token / float features stay NaN. Sequence columns are filled when the atomic file is read, and
+  ``Dataset._fill_nan`` is replaced by an assignment-based version.
+* ``safe_checkpoints``: torch >= 2.6 refuses RecBole checkpoints (they pickle RecBole's ``Config``).
+  RecBole's trainer loads them through :func:`safe_torch_load`: ``weights_only=True`` plus an explicit
+  allow-list of the types a RecBole checkpoint holds. The safety is never switched off.
+* ``no_global_anomaly_mode``: importing RecBole's sequential models (``sine.py``) switches on autograd
+  anomaly detection for the whole process, which makes every backward pass check for NaN (about 2x
+  slower training). The user's own setting is restored.
+
+Ray is not needed: the plugin never imports ``recbole.quick_start`` (which imports ray) and provides
+``run``, ``objective_function`` and ``load_data_and_model`` itself.
+"""
+
+import enum
+import types
+
+import numpy as np
+import pandas as pd
+import torch
+
+_APPLIED = False
+
+_NUMPY_ALIASES = {
+    "float_": np.float64,
+    "complex_": np.complex128,
+    "unicode_": np.str_,
+    "bool8": np.bool_,
+}
+
+
+def numpy_aliases():
+    """Restore the numpy 1 aliases RecBole 1.2.1 reads (removed in numpy 2)."""
+    for name, value in _NUMPY_ALIASES.items():
+        if name not in np.__dict__:
+            setattr(np, name, value)
+
+
+def _read_csv_filling_seq(*args, **kwargs):
+    """``pd.read_csv`` that fills empty ``*:token_seq`` / ``*:float_seq`` cells with ``""``."""
+    df = pd.read_csv(*args, **kwargs)
+    for column in df.columns:
+        if str(column).endswith((":token_seq", ":float_seq")) and df[column].isna().any():
+            df[column] = df[column].fillna("")
+    return df
+
+
+def _fill_nan(self):
+    """RecBole's ``Dataset._fill_nan`` written with assignments, so it works under copy-on-write."""
+    from recbole.utils import FeatureType
+
+    for feat_name in self.feat_name_list:
+        feat = getattr(self, feat_name)
+        for field in feat:
+            ftype = self.field2type[field]
+            if ftype == FeatureType.TOKEN:
+                feat[field] = feat[field].fillna(value=0)
+            elif ftype == FeatureType.FLOAT:
+                feat[field] = feat[field].fillna(value=feat[field].mean())
+            else:
+                dtype = np.int64 if ftype == FeatureType.TOKEN_SEQ else np.float64
+                feat[field] = feat[field].apply(
+                    lambda x: np.array([], dtype=dtype) if isinstance(x, float) else x
+                )
+
+
+def pandas_seq_fillna():
+    """Make RecBole's NaN handling effective under pandas copy-on-write (pandas 3)."""
+    import recbole.data.dataset.dataset as dataset_module
+
+    proxy = types.ModuleType("pandas_seq_fillna_proxy")
+    proxy.__dict__.update({k: getattr(pd, k) for k in dir(pd) if not k.startswith("__")})
+    proxy.read_csv = _read_csv_filling_seq
+    dataset_module.pd = proxy
+    dataset_module.Dataset._fill_nan = _fill_nan
+
+
+def checkpoint_safe_globals():
+    """The types a RecBole checkpoint pickles besides tensors and builtins (the allow-list)."""
+    import yaml
+    from recbole.config import Config
+    from recbole.utils import enum_type
+
+    from recbole_blossom.config import BlossomConfig
+
+    enums = [
+        obj
+        for obj in vars(enum_type).values()
+        if isinstance(obj, type) and issubclass(obj, enum.Enum) and obj.__module__ == enum_type.__name__
+    ]
+    return [Config, BlossomConfig, yaml.FullLoader, torch.device, *enums]
+
+
+def safe_torch_load(path, map_location=None):
+    """Load a RecBole checkpoint with ``weights_only=True`` and the allow-list above.
+
+    An object outside the allow-list makes ``torch.load`` raise ``pickle.UnpicklingError``.
+    """
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class _TorchWithSafeLoad(types.ModuleType):
+    """The ``torch`` module as RecBole's trainer sees it: everything as is, ``load`` made safe."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, map_location=None, **kwargs):
+        if kwargs.get("weights_only") is False:
+            raise ValueError("recbole_blossom never loads checkpoints with weights_only=False")
+        return safe_torch_load(f, map_location=map_location)
+
+
+def safe_checkpoints():
+    """Route RecBole's trainer checkpoint loading through :func:`safe_torch_load`."""
+    import recbole.trainer.trainer as trainer_module
+
+    trainer_module.torch = _TorchWithSafeLoad("torch")
+
+
+def no_global_anomaly_mode():
+    """Import RecBole's models without leaving autograd anomaly detection switched on.
+
+    If RecBole's models were imported before the plugin, the switch RecBole made cannot be told apart from
+    the user's and anomaly detection is switched off.
+    """
+    import sys
+
+    before = False if "recbole.model.sequential_recommender.sine" in sys.modules else torch.is_anomaly_enabled()
+    import recbole.model.sequential_recommender  # noqa: F401  (sine.py calls set_detect_anomaly(True))
+
+    torch.autograd.set_detect_anomaly(before)
+
+
+def apply():
+    """Apply every shim once (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    numpy_aliases()
+    no_global_anomaly_mode()
+    pandas_seq_fillna()
+    safe_checkpoints()
+    _APPLIED = True
