@@ -15,14 +15,14 @@ DEMO = {
     "model": "BlossomSASRec",
     "dataset": "ml-100k",
     "config_dict": {
-        "epochs": 3,
+        "epochs": 2,
         "hidden_size": 64,
         "inner_size": 128,
         "n_heads": 4,
         "n_kv_heads": 2,
-        "train_batch_size": 512,
+        "train_batch_size": 1024,
         "eval_batch_size": 4096,
-        "MAX_ITEM_LIST_LENGTH": 50,
+        "MAX_ITEM_LIST_LENGTH": 20,
         "show_progress": True,
     },
 }

@@ -1,0 +1,238 @@
+"""Blossom attention against naive dense-mask implementations written here, plus invariances."""
+
+import math
+
+import pytest
+import torch
+
+import recbole_blossom  # noqa: F401  (applies the compatibility shims)
+from recbole_blossom.attention import BlossomAttention, BlossomHParams
+from recbole_blossom.ltis import LTIS, select_blocks, selected_block_attention
+from recbole_blossom.rotary import RotaryEmbedding
+from recbole_blossom.stis import stis_attention
+
+LENGTHS = [1, 5, 16, 31, 33, 50, 77]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def dense_attention(q, k, v, mask):
+    """Plain softmax attention; q ``(B, H, L, D)``, k/v ``(B, Hkv, L, D)``, mask ``(B|1, H|Hkv|1, L, L)``."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    if mask.shape[1] not in (1, q.shape[1]):
+        mask = mask.repeat_interleave(G, 1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def naive_stis_mask(L, window=8, sink=True):
+    t = torch.arange(L)[:, None]
+    s = torch.arange(L)[None, :]
+    dist = t - s
+    power = (dist > 0) & ((dist & (dist - 1)) == 0)
+    allowed = (dist < window) | power | ((s == 0) & sink)
+    return (allowed & (dist >= 0))[None, None]
+
+
+def naive_ltis_mask(q, k, ltis: LTIS):
+    """Block selection written directly from the description, one query at a time."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    l, d, ls, n = ltis.block_len, ltis.stride, ltis.select_size, ltis.n_select
+    comp = ltis.compressor
+    starts = list(range(0, L - l + 1, d)) if L >= l else []
+    k_cmp = [comp.mlp((k[:, :, s:s + l] + comp.intra_block_pos).flatten(-2)) for s in starts]
+    mask = torch.zeros(B, Hkv, L, L, dtype=torch.bool)
+    n_slc = math.ceil(L / ls)
+    for t in range(L):
+        visible = [i for i, s in enumerate(starts) if s + l - 1 <= t]
+        keys = [ltis.memory_key[None].expand(B, Hkv, D)] + [k_cmp[i] for i in visible]
+        keys = torch.stack(keys, dim=2)  # (B, Hkv, 1 + V, D)
+        qk = (q[:, :, t][:, :, None, :] * keys.repeat_interleave(H // Hkv, 1)).sum(-1) / math.sqrt(D)
+        p = qk.softmax(-1)[..., 1:].view(B, Hkv, H // Hkv, -1).mean(2)  # (B, Hkv, V)
+        own = t // ls
+        slc = torch.zeros(B, Hkv, n_slc)
+        for col, i in enumerate(visible):
+            for j in range(n_slc):
+                if starts[i] < (j + 1) * ls and j * ls < starts[i] + l:
+                    slc[..., j] += p[..., col]
+        candidates = list(range(own))
+        for b in range(B):
+            for h in range(Hkv):
+                if len(candidates) <= n:
+                    chosen = candidates
+                else:
+                    chosen = slc[b, h, :own].topk(n).indices.tolist()
+                for j in chosen + [own]:
+                    mask[b, h, t, j * ls:(j + 1) * ls] = True
+    return mask & torch.ones(L, L, dtype=torch.bool).tril()
+
+
+def qkv(B, H, Hkv, L, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g),
+            torch.randn(B, Hkv, L, D, generator=g))
+
+
+@pytest.mark.parametrize("L", LENGTHS)
+def test_stis_matches_dense_mask(L):
+    q, k, v = qkv(2, 4, 2, L, 8, seed=L)
+    out = stis_attention(q, k, v, window=8, sink=True)
+    ref = dense_attention(q, k, v, naive_stis_mask(L))
+    assert out.shape == (2, 4, L, 8)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_stis_without_sink_and_other_window():
+    q, k, v = qkv(1, 2, 1, 70, 8)
+    out = stis_attention(q, k, v, window=3, sink=False)
+    assert rel_err(out, dense_attention(q, k, v, naive_stis_mask(70, window=3, sink=False))) < 1e-5
+
+
+@pytest.mark.parametrize("L", LENGTHS + [300])
+def test_ltis_matches_dense_mask(L):
+    torch.manual_seed(L)
+    ltis = LTIS(head_dim=8, n_kv_heads=2)
+    q, k, v = qkv(2, 4, 2, L, 8, seed=L)
+    out = ltis(q, k, v)
+    ref = dense_attention(q, k, v, naive_ltis_mask(q, k, ltis))
+    assert out.shape == (2, 4, L, 8)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("L", [40, 77, 130])
+def test_ltis_gather_path_equals_dense_path(L):
+    torch.manual_seed(0)
+    ltis = LTIS(head_dim=8, n_kv_heads=2, n_select=2)
+    q, k, v = qkv(2, 4, 2, L, 8, seed=1)
+    k_cmp = ltis.compressor(k)
+    blocks, valid = select_blocks(q, k_cmp, ltis.memory_key, 32, 16, 16, 2, chunk_size=7)
+    dense = selected_block_attention(q, k, v, blocks, valid, 16, dense_max_len=10**9)
+    gather = selected_block_attention(q, k, v, blocks, valid, 16, dense_max_len=0)
+    assert rel_err(gather, dense) < 1e-5
+
+
+def test_block_selection_does_not_depend_on_chunk_size():
+    torch.manual_seed(0)
+    ltis = LTIS(head_dim=8, n_kv_heads=2)
+    q, k, _ = qkv(2, 4, 2, 200, 8)
+    k_cmp = ltis.compressor(k)
+    a = select_blocks(q, k_cmp, ltis.memory_key, 32, 16, 16, 4, chunk_size=1024)
+    b = select_blocks(q, k_cmp, ltis.memory_key, 32, 16, 16, 4, chunk_size=13)
+    assert torch.equal(a[0][a[1]], b[0][b[1]]) and torch.equal(a[1], b[1])
+    # at most n_select past blocks plus the own block, all distinct and not after the query's block
+    own = torch.arange(200) // 16
+    assert bool((a[0][..., :-1] < own[:, None]).logical_or(~a[1][..., :-1]).all())
+
+
+def rope_reference(x, base=10000.0):
+    """RoPE by explicit 2x2 rotations of the pairs (i, i + D/2)."""
+    L, D = x.shape[-2], x.shape[-1]
+    out = x.clone()
+    for p in range(L):
+        for i in range(D // 2):
+            a = p * base ** (-2 * i / D)
+            x1, x2 = x[..., p, i], x[..., p, i + D // 2]
+            out[..., p, i] = x1 * math.cos(a) - x2 * math.sin(a)
+            out[..., p, i + D // 2] = x1 * math.sin(a) + x2 * math.cos(a)
+    return out
+
+
+def test_rotary_matches_explicit_rotation_and_keeps_relative_scores():
+    q, k, _ = qkv(1, 2, 2, 12, 8)
+    qr, kr = RotaryEmbedding(8)(q, k)
+    assert rel_err(qr, rope_reference(q)) < 1e-5 and rel_err(kr, rope_reference(k)) < 1e-5
+    # the same content at shifted positions gives the same score: RoPE encodes relative position
+    x = torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8)
+    xr, _ = RotaryEmbedding(8)(x, x)
+    s = (xr[0, 0] @ xr[0, 0].T)
+    assert torch.allclose(s[3, 1], s[9, 7], atol=1e-5)
+
+
+def layer_reference(attn: BlossomAttention, x):
+    """The whole layer composed from the naive pieces above."""
+    hp = attn.hp
+    B, L, _ = x.shape
+    split = lambda t: t.view(B, L, -1, hp.head_dim).transpose(1, 2)  # noqa: E731
+    q, k, v = split(attn.query(x)), split(attn.key(x)), split(attn.value(x))
+    qr, kr = rope_reference(q, hp.rope_base), rope_reference(k, hp.rope_base)
+    ltis = dense_attention(qr, kr, v, naive_ltis_mask(q, k, attn.ltis))
+    stis = dense_attention(qr, kr, v, naive_stis_mask(L, hp.stis_window, hp.stis_sink))
+    g = torch.sigmoid(attn.gate.proj(x))  # (B, L, 2H)
+    g1, g2 = g[..., : hp.n_heads].transpose(1, 2)[..., None], g[..., hp.n_heads:].transpose(1, 2)[..., None]
+    ctx = (g1 * ltis + g2 * stis).transpose(1, 2).reshape(B, L, -1)
+    return attn.LayerNorm(attn.dense(ctx) + x)
+
+
+def small_attention(**kw):
+    params = dict(hidden_size=32, n_heads=4, n_kv_heads=2, hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
+    params.update(kw)
+    torch.manual_seed(0)
+    attn = BlossomAttention(BlossomHParams(**params))
+    attn.apply(lambda m: torch.nn.init.normal_(m.weight, std=0.3) if isinstance(m, torch.nn.Linear) else None)
+    attn.reset_parameters(0.3)
+    return attn.eval()
+
+
+@pytest.mark.parametrize("L", [9, 40, 70])
+def test_layer_matches_naive_composition(L):
+    attn = small_attention()
+    x = torch.randn(2, L, 32)
+    assert rel_err(attn(x), layer_reference(attn, x)) < 1e-5
+
+
+def test_gate_bias_initialisation():
+    attn = small_attention()
+    bias = attn.gate.proj.bias
+    assert torch.all(bias[:4] == -2.0) and torch.all(bias[4:] == 2.0)
+
+
+def test_causality():
+    attn = small_attention()
+    x = torch.randn(1, 70, 32)
+    y = attn(x)
+    for t in (0, 15, 16, 47, 68):
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
+        assert torch.allclose(attn(x2)[:, : t + 1], y[:, : t + 1], atol=1e-6), t
+
+
+def test_padding_and_batch_invariance():
+    attn = small_attention()
+    lengths = torch.tensor([70, 23, 5])
+    x = torch.randn(3, 70, 32)
+    y = attn(x, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        alone = attn(x[b:b + 1, :n], lengths[b:b + 1])  # no padding, no other sequences
+        assert torch.allclose(y[b, :n], alone[0], atol=1e-5)
+        padded = torch.cat((x[b:b + 1, :n], torch.randn(1, 90 - n, 32)), dim=1)  # longer, different padding
+        assert torch.allclose(attn(padded, lengths[b:b + 1])[0, :n], alone[0], atol=1e-5)
+
+
+def test_gradients_reach_trainable_parameters_only():
+    attn = small_attention(hidden_dropout_prob=0.1, attn_dropout_prob=0.1).train()
+    x = torch.randn(2, 80, 32, requires_grad=True)
+    attn(x, torch.tensor([80, 41])).pow(2).sum().backward()
+    frozen = {n for n, p in attn.named_parameters() if not p.requires_grad}
+    assert frozen == {"ltis.memory_key", "ltis.compressor.intra_block_pos", "ltis.compressor.mlp.0.weight",
+                      "ltis.compressor.mlp.0.bias", "ltis.compressor.mlp.2.weight", "ltis.compressor.mlp.2.bias"}
+    for name, p in attn.named_parameters():
+        if name in frozen:
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_and_stays_close(dtype):
+    attn = small_attention()
+    x = torch.randn(2, 50, 32)
+    ref = attn(x)
+    with torch.autocast("cpu", dtype=dtype):
+        out = attn(x)
+    assert torch.isfinite(out).all()
+    assert rel_err(out.float(), ref) < 5e-2
