@@ -11,7 +11,8 @@ test in ``tests/test_compat.py``:
   ``Dataset._fill_nan`` is replaced by an assignment-based version.
 * ``safe_checkpoints``: torch >= 2.6 refuses RecBole checkpoints (they pickle RecBole's ``Config``).
   RecBole's trainer loads them through :func:`safe_torch_load`: ``weights_only=True`` plus an explicit
-  allow-list of the types a RecBole checkpoint holds. The safety is never switched off.
+  allow-list of the types a RecBole checkpoint holds. The safety is never switched off. The trainer saves
+  with pickle protocol 2 instead of RecBole's 4, whose FRAME opcode torch's safe unpickler refuses.
 * ``no_global_anomaly_mode``: importing RecBole's sequential models (``sine.py``) switches on autograd
   anomaly detection for the whole process, which makes every backward pass check for NaN (about 2x
   slower training). The user's own setting is restored.
@@ -96,7 +97,9 @@ def checkpoint_safe_globals():
         for obj in vars(enum_type).values()
         if isinstance(obj, type) and issubclass(obj, enum.Enum) and obj.__module__ == enum_type.__name__
     ]
-    return [Config, BlossomConfig, yaml.FullLoader, torch.device, *enums]
+    from recbole_blossom.model import MODELS
+
+    return [Config, BlossomConfig, yaml.FullLoader, torch.device, *enums, *MODELS.values()]
 
 
 def safe_torch_load(path, map_location=None):
@@ -113,6 +116,11 @@ class _TorchWithSafeLoad(types.ModuleType):
 
     def __getattr__(self, name):
         return getattr(torch, name)
+
+    @staticmethod
+    def save(obj, f, pickle_protocol=2, **kwargs):
+        # torch's weights_only unpickler cannot read protocol 4 (RecBole's choice): its FRAME opcode is refused
+        return torch.save(obj, f, pickle_protocol=2, **kwargs)
 
     @staticmethod
     def load(f, map_location=None, **kwargs):
