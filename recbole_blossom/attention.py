@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from recbole_blossom.fast import IMPLS
 from recbole_blossom.ltis import LTIS
 from recbole_blossom.rotary import RotaryEmbedding
 from recbole_blossom.stis import STIS
@@ -30,6 +31,7 @@ class BlossomHParams:
     hidden_dropout_prob: float = 0.2
     attn_dropout_prob: float = 0.2
     layer_norm_eps: float = 1e-12
+    blossom_impl: str = "auto"
 
     @classmethod
     def from_config(cls, config):
@@ -67,6 +69,8 @@ class BlossomHParams:
                 raise ValueError(f"{key} must be in [0, 1), got {value!r}")
         if not isinstance(self.stis_sink, bool):
             raise ValueError(f"stis_sink must be true or false, got {self.stis_sink!r}")
+        if self.blossom_impl not in IMPLS:
+            raise ValueError(f"blossom_impl must be one of {', '.join(IMPLS)}, got {self.blossom_impl!r}")
         if not isinstance(self.rope_base, (int, float)) or self.rope_base <= 1:
             raise ValueError(f"rope_base must be a number > 1, got {self.rope_base!r}")
 
@@ -116,8 +120,8 @@ class BlossomAttention(nn.Module):
         self.value = nn.Linear(hp.hidden_size, Hkv * D)
         self.rotary = RotaryEmbedding(D, hp.rope_base)
         self.ltis = LTIS(D, Hkv, hp.cmp_block_len, hp.cmp_stride, hp.slc_block_size, hp.n_slc_blocks,
-                         hp.attn_dropout_prob, hp.ltis_chunk_size)
-        self.stis = STIS(hp.stis_window, hp.stis_sink, hp.attn_dropout_prob)
+                         hp.attn_dropout_prob, hp.ltis_chunk_size, hp.blossom_impl)
+        self.stis = STIS(hp.stis_window, hp.stis_sink, hp.attn_dropout_prob, hp.blossom_impl)
         self.gate = BranchGate(hp.hidden_size, H, hp.gate_bias_ltis, hp.gate_bias_stis)
         self.dense = nn.Linear(H * D, hp.hidden_size)
         self.LayerNorm = nn.LayerNorm(hp.hidden_size, eps=hp.layer_norm_eps)

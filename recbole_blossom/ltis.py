@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_blossom.fast import fast_selected_block_attention, use_fast
+
 
 def num_compressed_blocks(length, block_len, stride):
     """Number of compression blocks that fit in ``length`` keys."""
@@ -156,10 +158,10 @@ class LTIS(nn.Module):
     """Long-term interest selection branch: block compression, top-n block selection, sparse attention."""
 
     def __init__(self, head_dim, n_kv_heads, block_len=32, stride=16, select_size=16, n_select=4,
-                 dropout_p=0.0, chunk_size=1024):
+                 dropout_p=0.0, chunk_size=1024, impl="auto"):
         super().__init__()
         self.block_len, self.stride, self.select_size, self.n_select = block_len, stride, select_size, n_select
-        self.dropout_p, self.chunk_size = dropout_p, chunk_size
+        self.dropout_p, self.chunk_size, self.impl = dropout_p, chunk_size, impl
         self.compressor = BlockCompressor(head_dim, block_len, stride)
         self.memory_key = nn.Parameter(torch.zeros(n_kv_heads, head_dim))
         self.reset_parameters()
@@ -179,9 +181,9 @@ class LTIS(nn.Module):
             k_cmp = self.compressor(k_score.detach())
         blocks, valid = select_blocks(q_score.detach(), k_cmp, self.memory_key, self.block_len, self.stride,
                                       self.select_size, self.n_select, self.chunk_size)
-        return selected_block_attention(q, k, v, blocks, valid, self.select_size, lengths, self.dropout_p,
-                                        self.training)
+        attend = fast_selected_block_attention if use_fast(self.impl, q) else selected_block_attention
+        return attend(q, k, v, blocks, valid, self.select_size, lengths, self.dropout_p, self.training)
 
     def extra_repr(self):
         return (f"block_len={self.block_len}, stride={self.stride}, select_size={self.select_size}, "
-                f"n_select={self.n_select}")
+                f"n_select={self.n_select}, impl={self.impl}")

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_blossom.fast import fast_stis_attention, use_fast
+
 
 def stis_offsets(length, window):
     """Distinct relative offsets ``t - s`` a query may look back: ``{0..window-1} U {1, 2, 4, ...} < length``."""
@@ -68,12 +70,13 @@ def stis_attention(q, k, v, lengths=None, window=8, sink=True, dropout_p=0.0, tr
 class STIS(nn.Module):
     """Short-term interest selection branch (no parameters); see :func:`stis_attention`."""
 
-    def __init__(self, window=8, sink=True, dropout_p=0.0):
+    def __init__(self, window=8, sink=True, dropout_p=0.0, impl="auto"):
         super().__init__()
-        self.window, self.sink, self.dropout_p = window, sink, dropout_p
+        self.window, self.sink, self.dropout_p, self.impl = window, sink, dropout_p, impl
 
     def forward(self, q, k, v, lengths=None):
-        return stis_attention(q, k, v, lengths, self.window, self.sink, self.dropout_p, self.training)
+        attend = fast_stis_attention if use_fast(self.impl, q) else stis_attention
+        return attend(q, k, v, lengths, self.window, self.sink, self.dropout_p, self.training)
 
     def extra_repr(self):
-        return f"window={self.window}, sink={self.sink}"
+        return f"window={self.window}, sink={self.sink}, impl={self.impl}"
