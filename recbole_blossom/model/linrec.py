@@ -22,6 +22,15 @@ def feature_map(x):
     return F.elu(x) + 1.0
 
 
+def check_heads(hidden_size, n_heads):
+    """Raise ``ValueError`` naming the keys unless ``n_heads`` is a positive integer dividing ``hidden_size``."""
+    for key, value in (("hidden_size", hidden_size), ("n_heads", n_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if hidden_size % n_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
+
+
 def linrec_attention(q, k, v, padding_mask=None, key_dropout=None, eps=1e-6):
     """LinRec attention, keys-times-values first.
 
@@ -50,8 +59,7 @@ class LinRecAttention(nn.Module):
 
     def __init__(self, n_heads, hidden_size, hidden_dropout_prob, attn_dropout_prob, layer_norm_eps, eps=1e-6):
         super().__init__()
-        if hidden_size % n_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
+        check_heads(hidden_size, n_heads)
         self.n_heads, self.head_dim, self.eps = n_heads, hidden_size // n_heads, eps
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
@@ -83,6 +91,7 @@ class LinRec(SASRec):
     """
 
     def __init__(self, config, dataset):
+        check_heads(config["hidden_size"], config["n_heads"])
         super().__init__(config, dataset)
         for layer in self.trm_encoder.layer:
             layer.multi_head_attention = LinRecAttention(
