@@ -83,7 +83,7 @@ if triton is not None:
                     SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK_: tl.constexpr,
                     BLOCK_T: tl.constexpr, DROPOUT: tl.constexpr):
         pid_t, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
+        b, h = (bh // H).to(tl.int64), bh % H  # int64: batch offsets pass 2**31 on long inputs
         hkv = h // G
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_c = tl.arange(0, CHUNK_)
@@ -127,7 +127,7 @@ if triton is not None:
                        SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK_: tl.constexpr,
                        BLOCK_T: tl.constexpr, DROPOUT: tl.constexpr):
         pid_t, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
+        b, h = (bh // H).to(tl.int64), bh % H  # int64: batch offsets pass 2**31 on long inputs
         hkv = h // G
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_c = tl.arange(0, CHUNK_)
@@ -165,7 +165,7 @@ if triton is not None:
                          BLOCK_P2: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
                          CHUNK_: tl.constexpr, BLOCK_T: tl.constexpr, DROPOUT: tl.constexpr):
         pid_t, bhk = tl.program_id(0), tl.program_id(1)
-        b, hkv = bhk // HKV, bhk % HKV
+        b, hkv = (bhk // HKV).to(tl.int64), bhk % HKV
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_c = tl.arange(0, CHUNK_)
         offs_d = tl.arange(0, D_P2)
@@ -199,7 +199,7 @@ if triton is not None:
                 ds = p * (dp - delta[:, None])
                 dk += ds[:, :, None] * q[:, None, :]  # q already carries the scale
                 dv += pd[:, :, None] * do[:, None, :]
-            out_off = bhk * L * D + pos[:, :, None] * D + offs_d[None, None, :]
+            out_off = bhk.to(tl.int64) * L * D + pos[:, :, None] * D + offs_d[None, None, :]
             tl.atomic_add(DK + out_off, dk, mask=kv_mask, sem="relaxed")
             tl.atomic_add(DV + out_off, dv, mask=kv_mask, sem="relaxed")
 

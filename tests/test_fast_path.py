@@ -1,0 +1,164 @@
+"""The fast path (Triton kernels) against the PyTorch path, and the ``blossom_impl`` dispatch.
+
+The GPU tests skip where CUDA is unavailable; the dispatch tests run anywhere in a few seconds.
+"""
+
+import pytest
+import torch
+
+from recbole_blossom.attention import BlossomAttention, BlossomHParams
+from recbole_blossom.fast import fast_selected_block_attention, fast_stis_attention, triton, use_fast
+from recbole_blossom.ltis import num_compressed_blocks, select_blocks, selected_block_attention
+from recbole_blossom.stis import stis_attention
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reason="needs CUDA and Triton")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+# --- dispatch (CPU) -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["gpu", "", None, 1, "Fast"])
+def test_blossom_impl_validated(value):
+    with pytest.raises(ValueError, match="blossom_impl.*auto, torch, fast"):
+        BlossomHParams(blossom_impl=value).validate()
+
+
+def test_blossom_impl_from_config():
+    assert BlossomHParams.from_config({}).blossom_impl == "auto"
+    assert BlossomHParams.from_config({"blossom_impl": "torch"}).blossom_impl == "torch"
+    layer = BlossomAttention(BlossomHParams.from_config({"blossom_impl": "fast"}))
+    assert layer.ltis.impl == layer.stis.impl == "fast"
+
+
+def test_auto_and_torch_pick_pytorch_on_cpu():
+    x = torch.zeros(1, 1, 4, 16)
+    assert not use_fast("auto", x)
+    assert not use_fast("torch", x)
+    assert not use_fast("auto", x.double())
+
+
+def test_fast_on_cpu_is_a_clear_error():
+    layer = BlossomAttention(BlossomHParams(hidden_size=32, n_heads=4, n_kv_heads=2, blossom_impl="fast"))
+    with pytest.raises(RuntimeError, match="blossom_impl='fast' needs Triton and a CUDA tensor"):
+        layer(torch.randn(2, 20, 32), torch.tensor([20, 7]))
+
+
+def test_auto_on_cpu_equals_torch():
+    torch.manual_seed(0)
+    auto = BlossomAttention(BlossomHParams(hidden_size=32, n_heads=4, n_kv_heads=2)).eval()
+    forced = BlossomAttention(BlossomHParams(hidden_size=32, n_heads=4, n_kv_heads=2, blossom_impl="torch")).eval()
+    forced.load_state_dict(auto.state_dict())
+    x, lengths = torch.randn(2, 40, 32), torch.tensor([40, 13])
+    torch.testing.assert_close(auto(x, lengths), forced(x, lengths), rtol=0, atol=0)
+
+
+# --- fast path against the PyTorch path (GPU) -----------------------------------------------------------
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def random_qkv(B, H, Hkv, L, D, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, H, L, D, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, L, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, L, D, device="cuda", generator=gen).to(dtype)
+    return q, k, v, torch.randn(B, H, L, D, device="cuda", generator=gen).to(dtype)
+
+
+def compare(fast_fn, ref_fn, q, k, v, dout):
+    """Outputs and input gradients of ``fast_fn`` (inputs as given) against ``ref_fn`` (float32 inputs)."""
+    results = []
+    for fn, dtype in ((fast_fn, q.dtype), (ref_fn, torch.float32)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(dout.to(dtype))
+        results.append([out.detach()] + [t.grad for t in leaves])
+    return [rel_err(f, r) for f, r in zip(*results)]
+
+
+CASES = [  # B, H, Hkv, L, lengths
+    (2, 8, 2, 37, [37, 20]),
+    (3, 8, 2, 200, [200, 131, 1]),  # dense-mask branch of the PyTorch LTIS path
+    (2, 4, 4, 300, [300, 299]),
+    (2, 8, 2, 1000, [1000, 517]),
+    (1, 8, 1, 2053, [2053]),
+]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,H,Hkv,L,lengths", CASES)
+def test_stis_fast_matches_torch(B, H, Hkv, L, lengths, dtype):
+    q, k, v, dout = random_qkv(B, H, Hkv, L, 16, dtype, seed=L)
+    lengths = torch.tensor(lengths, device="cuda")
+    errs = compare(lambda q, k, v: fast_stis_attention(q, k, v, lengths, 8, True),
+                   lambda q, k, v: stis_attention(q, k, v, lengths, 8, True), q, k, v, dout)
+    assert max(errs) < TOL[dtype], errs
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,H,Hkv,L,lengths", CASES)
+@pytest.mark.parametrize("select_size,n_select", [(16, 4), (32, 2)])
+def test_ltis_fast_matches_torch(B, H, Hkv, L, lengths, dtype, select_size, n_select):
+    q, k, v, dout = random_qkv(B, H, Hkv, L, 16, dtype, seed=L + 1)
+    lengths = torch.tensor(lengths, device="cuda")
+    n_cmp = num_compressed_blocks(L, 32, 16)
+    k_cmp = torch.randn(B, Hkv, n_cmp, 16, device="cuda")
+    blocks, valid = select_blocks(q.float(), k_cmp, torch.randn(Hkv, 16, device="cuda"), 32, 16, select_size,
+                                  n_select, chunk_size=256)
+    errs = compare(lambda q, k, v: fast_selected_block_attention(q, k, v, blocks, valid, select_size, lengths),
+                   lambda q, k, v: selected_block_attention(q, k, v, blocks, valid, select_size, lengths),
+                   q, k, v, dout)
+    assert max(errs) < TOL[dtype], errs
+
+
+@gpu
+@pytest.mark.parametrize("L", [45, 700])
+def test_layer_fast_matches_torch(L):
+    """Whole attention layer (projections, RoPE, selection, gate): outputs and every parameter gradient."""
+    torch.manual_seed(0)
+    hp = dict(hidden_size=128, n_heads=8, n_kv_heads=2)
+    fast = BlossomAttention(BlossomHParams(**hp, blossom_impl="fast")).cuda().eval()
+    ref = BlossomAttention(BlossomHParams(**hp, blossom_impl="torch")).cuda().eval()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, L, 128, device="cuda")
+    lengths = torch.tensor([L, L // 2, 3], device="cuda")
+    w = torch.randn(3, L, 128, device="cuda")
+    outs = []
+    for layer in (fast, ref):
+        out = layer(x, lengths)
+        (out * w).sum().backward()
+        outs.append([out.detach()] + [p.grad for p in layer.parameters() if p.requires_grad])
+    errs = [rel_err(a, b) for a, b in zip(*outs)]
+    assert max(errs) < 1e-5, errs
+
+
+@gpu
+def test_fast_dropout_gradient_is_consistent():
+    """With dropout on, the backward regenerates the forward's mask: a directional derivative matches."""
+    q, k, v, w = random_qkv(1, 4, 2, 150, 16, torch.float64, seed=7)
+    q, k, v, w = q.float(), k.float(), v.float(), w.float()
+    blocks, valid = select_blocks(q, torch.randn(1, 2, num_compressed_blocks(150, 32, 16), 16, device="cuda"),
+                                  torch.randn(2, 16, device="cuda"), 32, 16, 16, 4)
+    for fn in (lambda q: fast_stis_attention(q, k, v, None, 8, True, 0.3, True),
+               lambda q: fast_selected_block_attention(q, k, v, blocks, valid, 16, None, 0.3, True)):
+        torch.manual_seed(1)
+        qq = q.clone().requires_grad_()
+        out = fn(qq)
+        (out * w).sum().backward()
+        direction = torch.randn_like(q)
+        eps = 1e-3
+
+        def f(x):
+            torch.manual_seed(1)
+            return (fn(x) * w).double().sum().item()
+
+        numeric = (f(q + eps * direction) - f(q - eps * direction)) / (2 * eps)
+        analytic = (qq.grad * direction).sum().item()
+        assert abs(numeric - analytic) <= 2e-2 * max(1.0, abs(analytic)), (numeric, analytic)
+        torch.manual_seed(2)
+        assert not torch.equal(fn(q), out), "dropout should change with the seed"
