@@ -11,8 +11,10 @@ test in ``tests/test_compat.py``:
   ``Dataset._fill_nan`` is replaced by an assignment-based version.
 * ``safe_checkpoints``: torch >= 2.6 refuses RecBole checkpoints (they pickle RecBole's ``Config``).
   RecBole's trainer loads them through :func:`safe_torch_load`: ``weights_only=True`` plus an explicit
-  allow-list of the types a RecBole checkpoint holds. The safety is never switched off. The trainer saves
-  with pickle protocol 2 instead of RecBole's 4, whose FRAME opcode torch's safe unpickler refuses.
+  allow-list of the types a RecBole checkpoint holds (:mod:`recbole_blossom.checkpoint`). The safety is
+  never switched off. The trainer saves with pickle protocol 2 instead of RecBole's 4, whose opcodes
+  (FRAME, STACK_GLOBAL, ...) torch's safe unpickler refuses; protocol-4 files of stock RecBole are
+  re-encoded in memory, then loaded the same safe way.
 * ``no_global_anomaly_mode``: importing RecBole's sequential models (``sine.py``) switches on autograd
   anomaly detection for the whole process, which makes every backward pass check for NaN (about 2x
   slower training). The user's own setting is restored.
@@ -21,7 +23,6 @@ Ray is not needed: the plugin never imports ``recbole.quick_start`` (which impor
 ``run``, ``objective_function`` and ``load_data_and_model`` itself.
 """
 
-import enum
 import types
 
 import numpy as np
@@ -85,42 +86,35 @@ def pandas_seq_fillna():
 
 
 def checkpoint_safe_globals():
-    """The types a RecBole checkpoint pickles besides tensors and builtins (the allow-list)."""
-    import yaml
-    from recbole.config import Config
-    from recbole.utils import enum_type
+    """The fixed types a RecBole checkpoint pickles besides tensors and builtins (the static allow-list).
 
-    from recbole_blossom.config import BlossomConfig
+    Model classes are allowed per checkpoint, by :func:`recbole_blossom.checkpoint.resolve_model_class`.
+    """
+    from recbole_blossom.checkpoint import static_safe_globals
 
-    enums = [
-        obj
-        for obj in vars(enum_type).values()
-        if isinstance(obj, type) and issubclass(obj, enum.Enum) and obj.__module__ == enum_type.__name__
-    ]
-    from recbole_blossom.model import MODELS
-
-    return [Config, BlossomConfig, yaml.FullLoader, torch.device, *enums, *MODELS.values()]
+    return static_safe_globals()
 
 
 def safe_torch_load(path, map_location=None):
-    """Load a RecBole checkpoint with ``weights_only=True`` and the allow-list above.
+    """Load a RecBole checkpoint with ``weights_only=True`` and an explicit allow-list.
 
-    An object outside the allow-list makes ``torch.load`` raise ``pickle.UnpicklingError``.
+    See :mod:`recbole_blossom.checkpoint`: a disallowed type, an unreadable file or (inside the trainer) a
+    checkpoint of another model raises :class:`recbole_blossom.checkpoint.CheckpointError`.
     """
-    with torch.serialization.safe_globals(checkpoint_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    from recbole_blossom.checkpoint import load_checked
+
+    return load_checked(path, map_location=map_location)
 
 
 class _TorchWithSafeLoad(types.ModuleType):
-    """The ``torch`` module as RecBole's trainer sees it: everything as is, ``load`` made safe."""
+    """The ``torch`` module as RecBole's trainer sees it: everything as is, ``load`` and ``save`` made safe.
+
+    ``load`` is :func:`safe_torch_load`; ``save`` writes pickle protocol 2 (RecBole asks for 4, which
+    ``weights_only`` loading cannot read).
+    """
 
     def __getattr__(self, name):
         return getattr(torch, name)
-
-    @staticmethod
-    def save(obj, f, pickle_protocol=2, **kwargs):
-        # torch's weights_only unpickler cannot read protocol 4 (RecBole's choice): its FRAME opcode is refused
-        return torch.save(obj, f, pickle_protocol=2, **kwargs)
 
     @staticmethod
     def load(f, map_location=None, **kwargs):
@@ -128,12 +122,41 @@ class _TorchWithSafeLoad(types.ModuleType):
             raise ValueError("recbole_blossom never loads checkpoints with weights_only=False")
         return safe_torch_load(f, map_location=map_location)
 
+    @staticmethod
+    def save(obj, f, **kwargs):
+        from recbole_blossom.checkpoint import save
+
+        save(obj, f, **kwargs)
+
+
+def _expecting_own_model(method):
+    """Wrap a trainer method so that checkpoints it loads must be of the trainer's model."""
+    import functools
+
+    from recbole_blossom.checkpoint import expecting_model
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with expecting_model(self.config["model"]):
+            return method(self, *args, **kwargs)
+
+    wrapper._recbole_blossom_checked = True
+    return wrapper
+
 
 def safe_checkpoints():
-    """Route RecBole's trainer checkpoint loading through :func:`safe_torch_load`."""
+    """Route RecBole's trainer checkpoint loading and saving through :class:`_TorchWithSafeLoad`.
+
+    ``Trainer.resume_checkpoint`` and ``Trainer.evaluate`` refuse a checkpoint of another model (RecBole only
+    warns, then fails inside ``load_state_dict``).
+    """
     import recbole.trainer.trainer as trainer_module
 
     trainer_module.torch = _TorchWithSafeLoad("torch")
+    for name in ("resume_checkpoint", "evaluate"):
+        method = getattr(trainer_module.Trainer, name)
+        if not getattr(method, "_recbole_blossom_checked", False):
+            setattr(trainer_module.Trainer, name, _expecting_own_model(method))
 
 
 def no_global_anomaly_mode():

@@ -15,16 +15,23 @@ import torch.distributed as dist
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, get_trainer, init_logger, init_seed, set_color
 
+from recbole_blossom.checks import (  # noqa: F401  (DatasetFormatError is part of the API)
+    DatasetFormatError,
+    DatasetNotFoundError,
+    check_atomic_files,
+    check_model_config,
+)
 from recbole_blossom.compat import safe_torch_load
 from recbole_blossom.config import BlossomConfig, get_model_class
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's atomic files are not on disk (RecBole would try to download them)."""
-
-
 def check_dataset(config):
-    """Raise :class:`DatasetNotFoundError` before any work when the dataset's files are missing."""
+    """Raise before any work when the dataset's files are missing or malformed, or the hyperparameters invalid.
+
+    :class:`DatasetNotFoundError` for missing files, :class:`DatasetFormatError` (naming file, line and column)
+    for malformed ones, ``ValueError`` naming the key for invalid Blossom hyperparameters.
+    """
+    check_model_config(config)
     name, path = config["dataset"], os.path.abspath(config["data_path"])
     benchmark = config["benchmark_filename"]
     wanted = [f"{name}.{part}.inter" for part in benchmark] if benchmark else [f"{name}.inter"]
@@ -37,11 +44,11 @@ def check_dataset(config):
             f"https://recbole.io/dataset_list.html), put {wanted[0]} in {path}, or point --data_path to the "
             f"folder that holds {name}/{wanted[0]}."
         )
+    check_atomic_files(config)
 
 
 def _prepare(config):
-    """Seed, check and load the data; returns ``dataset, train_data, valid_data, test_data``."""
-    check_dataset(config)
+    """Seed and load the data (checked by the caller); returns ``dataset, train_data, valid_data, test_data``."""
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     return (dataset, *data_preparation(config, dataset))
@@ -107,6 +114,17 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
         return run_recbole(model, dataset, config_file_list, config_dict, saved)
     import torch.multiprocessing as mp
 
+    # Check in this process, so bad input fails once and clearly instead of inside every spawned process
+    # (RecBole's Config sets CUDA_VISIBLE_DEVICES; the spawned processes set it themselves).
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        check_dataset(BlossomConfig(model=model, dataset=dataset, config_file_list=config_file_list,
+                                    config_dict=config_dict))
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     world_size = nproc if world_size == -1 else world_size
     queue = mp.get_context("spawn").SimpleQueue()
     config_dict = dict(config_dict or {})
@@ -150,6 +168,7 @@ def load_data_and_model(model_file):
     config = checkpoint["config"]
     if not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
+    check_dataset(config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
