@@ -1,0 +1,107 @@
+"""benchmarks/compare.py on a small slice of ml-100k: tables, resume, clear errors."""
+
+import csv
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "benchmarks", "compare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = load_compare()
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A yaml shrinking ml-100k to about 200 users, and the overrides that shrink the models."""
+    path = tmp_path / "small.yaml"
+    path.write_text('user_inter_num_interval: "[20,30]"\nMAX_ITEM_LIST_LENGTH: 20\n'
+                    "train_batch_size: 512\neval_batch_size: 512\n")
+    return ["--config_files", str(path), "--hidden_size=16", "--inner_size=32", "--embedding_size=16",
+            "--n_heads=2"]
+
+
+def test_sweep_writes_tables_and_resumes(tmp_path, small, capsys, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    argv = ["--models", "GRU4Rec,LinRec", "--datasets", "ml-100k", "--epochs", "1", "--out", str(out), *small]
+    assert compare.main(argv) == 0
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(compare.COLUMNS)
+    assert [(r["dataset"], r["model"]) for r in rows] == [("ml-100k", "GRU4Rec"), ("ml-100k", "LinRec")]
+    for row in rows:
+        assert all(0.0 <= float(row[m]) <= 1.0 for m in compare.METRICS)
+        assert row["epochs_run"] == "1" and float(row["sec_per_epoch"]) > 0 and int(row["params"]) > 0
+        assert row["peak_gpu_mem_mib"] == "n/a" and row["device"] == "cpu" and row["eval_mode"] == "full"
+    # the overrides reached the models: LinRec with hidden 16 on ~700 items is far below the 128-wide size
+    assert int(rows[1]["params"]) < 50_000
+    table = (out / "results.md").read_text()
+    assert "| Dataset | Model | Recall@10 | NDCG@10 | MRR@10 | Params | s/epoch | Peak GPU MiB | Epochs |" in table
+    assert table.count("| ml-100k |") == 2
+    assert (out / "results.png").stat().st_size > 1000
+    assert not list((out / "saved").rglob("*.pth"))  # checkpoints are removed unless --keep-checkpoints
+    assert list(cwd.iterdir()) == [] and (out / "log" / "LinRec").is_dir()  # RecBole's logs go under --out
+    capsys.readouterr()
+
+    # a rerun trains nothing: every pair is read back
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished pair was trained again")
+
+    original, compare.run_pair = compare.run_pair, no_training
+    try:
+        assert compare.main(argv) == 0
+    finally:
+        compare.run_pair = original
+    assert capsys.readouterr().out.count("finished before, skipped") == 2
+    with open(out / "results.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == rows
+
+    # other settings on the same --out are refused, naming what changed
+    assert compare.main([*argv[:5], "2", *argv[6:]]) == 2
+    assert "epochs" in capsys.readouterr().err
+
+
+def test_interrupted_pair_is_rerun(tmp_path, small, monkeypatch):
+    out = tmp_path / "out"
+    argv = ["--models", "GRU4Rec", "--datasets", "ml-100k", "--epochs", "1", "--out", str(out), *small]
+    calls = []
+
+    def fake_run(args, model, dataset, out_dir):
+        calls.append(model)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return {c: 0.5 for c in compare.COLUMNS} | {"dataset": dataset, "model": model, "eval_mode": "full",
+                                                     "device": "cpu", "stopped_by": "early stopping or --epochs",
+                                                     "params": 10, "epochs_run": 1}
+
+    monkeypatch.setattr(compare, "run_pair", fake_run)
+    assert compare.main([*argv, "--no-plot"]) == 1  # the failure is reported, nothing stored
+    assert not (out / "results" / "ml-100k__GRU4Rec__full.json").exists()
+    assert compare.main([*argv, "--no-plot"]) == 0 and calls == ["GRU4Rec", "GRU4Rec"]
+    stored = json.loads((out / "results" / "ml-100k__GRU4Rec__full.json").read_text())
+    assert stored["row"]["model"] == "GRU4Rec" and stored["settings"]["config"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "SASRec,NoSuchModel"], "model 'NoSuchModel' is unknown. Plugin models: BlossomLinRec"),
+    (["--models", "SASRec", "--datasets", "no-such-data", "--data_path", "/nonexistent"],
+     "dataset 'no-such-data' not found: looked in /nonexistent/no-such-data"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--models", "SASRec", "stray"], "config overrides are written --key=value"),
+    (["--config_files", "/nonexistent.yaml"], "--config_files: /nonexistent.yaml does not exist"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, message):
+    assert compare.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
