@@ -18,6 +18,10 @@ test in ``tests/test_compat.py``:
 * ``no_global_anomaly_mode``: importing RecBole's sequential models (``sine.py``) switches on autograd
   anomaly detection for the whole process, which makes every backward pass check for NaN (about 2x
   slower training). The user's own setting is restored.
+* ``hyper_tuning_numpy2``: RecBole's ``HyperTuning`` default algorithm (exhaustive search) seeds a legacy
+  ``np.random.RandomState``, from which hyperopt >= 0.2.7 cannot draw (``rng.integers``), and its plot
+  reads ``np.str`` (gone since numpy 1.24). Its module sees a numpy whose ``random.RandomState`` makes a
+  ``Generator`` and whose ``str`` is ``str``; everything else is numpy itself.
 
 Ray is not needed: the plugin never imports ``recbole.quick_start`` (which imports ray) and provides
 ``run``, ``objective_function`` and ``load_data_and_model`` itself.
@@ -173,6 +177,27 @@ def no_global_anomaly_mode():
     torch.autograd.set_detect_anomaly(before)
 
 
+class _NumpyForHyperTuning(types.ModuleType):
+    """numpy as ``recbole.trainer.hyper_tuning`` sees it (see ``hyper_tuning_numpy2``)."""
+
+    def __init__(self):
+        super().__init__("numpy")
+        self.random = types.ModuleType("numpy.random")
+        self.random.__dict__.update(np.random.__dict__)
+        self.random.RandomState = np.random.default_rng  # the Generator hyperopt draws from
+        self.str = str
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def hyper_tuning_numpy2():
+    """Let RecBole's ``HyperTuning`` (exhaustive search, ``plot_hyper``) run on numpy 2 and hyperopt 0.3."""
+    import recbole.trainer.hyper_tuning as hyper_tuning_module
+
+    hyper_tuning_module.np = _NumpyForHyperTuning()
+
+
 def apply():
     """Apply every shim once (idempotent)."""
     global _APPLIED
@@ -182,4 +207,5 @@ def apply():
     no_global_anomaly_mode()
     pandas_seq_fillna()
     safe_checkpoints()
+    hyper_tuning_numpy2()
     _APPLIED = True
