@@ -8,7 +8,9 @@ test in ``tests/test_compat.py``:
 * ``pandas_seq_fillna``: under pandas 3 (copy-on-write) RecBole's chained
   ``df[field].fillna(..., inplace=True)`` does nothing, so missing sequence fields crash the loader and
   missing token / float features stay NaN. Sequence columns are filled when the atomic file is read, and
-  ``Dataset._fill_nan`` is replaced by an assignment-based version.
+  ``Dataset._fill_nan`` is replaced by an assignment-based version. Also under pandas 3, ``Series.agg(len)``
+  reduces the whole column instead of measuring each sequence, which breaks every ``token_seq`` /
+  ``float_seq`` feature; the RecBole dataset methods that call it get pandas 2's element-wise meaning.
 * ``safe_checkpoints``: torch >= 2.6 refuses RecBole checkpoints (they pickle RecBole's ``Config``).
   RecBole's trainer loads them through :func:`safe_torch_load`: ``weights_only=True`` plus an explicit
   allow-list of the types a RecBole checkpoint holds (:mod:`recbole_blossom.checkpoint`). The safety is
@@ -27,6 +29,8 @@ Ray is not needed: the plugin never imports ``recbole.quick_start`` (which impor
 ``run``, ``objective_function`` and ``load_data_and_model`` itself.
 """
 
+import functools
+import inspect
 import types
 
 import numpy as np
@@ -78,6 +82,25 @@ def _fill_nan(self):
                 )
 
 
+def _elementwise_len_agg(method):
+    """Run ``method`` with ``Series.agg(len)`` meaning per-element lengths (pandas 2 behaviour)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        original = pd.Series.agg
+
+        def agg(self, func=None, *a, **k):
+            return self.map(len) if func is len else original(self, func, *a, **k)
+
+        pd.Series.agg = agg
+        try:
+            return method(*args, **kwargs)
+        finally:
+            pd.Series.agg = original
+
+    return wrapper
+
+
 def pandas_seq_fillna():
     """Make RecBole's NaN handling effective under pandas copy-on-write (pandas 3)."""
     import recbole.data.dataset.dataset as dataset_module
@@ -87,6 +110,12 @@ def pandas_seq_fillna():
     proxy.read_csv = _read_csv_filling_seq
     dataset_module.pd = proxy
     dataset_module.Dataset._fill_nan = _fill_nan
+    from recbole.data.dataset import KnowledgeBasedDataset
+
+    for cls in (dataset_module.Dataset, KnowledgeBasedDataset):
+        for name, method in list(vars(cls).items()):
+            if callable(method) and "agg(len)" in inspect.getsource(method):
+                setattr(cls, name, _elementwise_len_agg(method))
 
 
 def checkpoint_safe_globals():
@@ -177,6 +206,25 @@ def no_global_anomaly_mode():
     torch.autograd.set_detect_anomaly(before)
 
 
+def _ddp_on_any_device(module, device_ids=None, **kwargs):
+    """RecBole's ``DistributedDataParallel(model, device_ids=[rank])``; CPU modules get no ``device_ids``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if next(module.parameters()).device.type == "cpu":
+        device_ids = None
+    return DistributedDataParallel(module, device_ids=device_ids, **kwargs)
+
+
+def cpu_distributed():
+    """Let RecBole's multi-process training run on CPUs (gloo): its trainer passes GPU ``device_ids`` to DDP.
+
+    The process group itself is set up by ``BlossomConfig._init_device`` (gloo when no GPU is used).
+    """
+    import recbole.trainer.trainer as trainer_module
+
+    trainer_module.DistributedDataParallel = _ddp_on_any_device
+
+
 class _NumpyForHyperTuning(types.ModuleType):
     """numpy as ``recbole.trainer.hyper_tuning`` sees it (see ``hyper_tuning_numpy2``)."""
 
@@ -207,5 +255,6 @@ def apply():
     no_global_anomaly_mode()
     pandas_seq_fillna()
     safe_checkpoints()
+    cpu_distributed()
     hyper_tuning_numpy2()
     _APPLIED = True

@@ -1,0 +1,79 @@
+"""Each compatibility shim of recbole_blossom.compat, checked on the behaviour it fixes."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import recbole_blossom
+
+
+def test_numpy_aliases_let_recbole_config_build():
+    assert np.float_ is np.float64 and np.complex_ is np.complex128 and np.unicode_ is np.str_
+    config = recbole_blossom.BlossomConfig(model="SASRec", dataset="ml-100k")  # runs compatibility_settings
+    assert config["model"] == "SASRec" and np.float is np.float64
+
+
+def test_import_does_not_need_ray_and_keeps_anomaly_mode_off():
+    code = ("import sys, torch, recbole_blossom; "
+            "print('ray' in sys.modules, torch.is_anomaly_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_users_anomaly_mode_is_kept():
+    code = ("import torch; torch.autograd.set_detect_anomaly(True); import recbole_blossom; "
+            "print(torch.is_anomaly_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True"]
+
+
+@pytest.fixture
+def atomic_dataset(tmp_path):
+    """A tiny dataset with missing values in a token_seq, a token and a float item feature."""
+    root = tmp_path / "tiny"
+    root.mkdir()
+    rows = [f"{u}\t{i}\t{t}" for u in range(1, 4) for t, i in enumerate(range(1, 7))]
+    (root / "tiny.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n" + "\n".join(rows) + "\n")
+    items = ["1\ta b\tx\t1.0", "2\t\ty\t3.0", "3\tc\t\t", "4\ta\tx\t5.0", "5\tb\ty\t", "6\tc\tz\t2.0"]
+    (root / "tiny.item").write_text("item_id:token\tgenre:token_seq\tbrand:token\tprice:float\n" + "\n".join(items) + "\n")
+    return tmp_path
+
+
+def test_missing_values_are_filled_under_pandas_copy_on_write(atomic_dataset):
+    from recbole.data import create_dataset
+
+    config = recbole_blossom.BlossomConfig(
+        model="SASRec", dataset="tiny",
+        config_dict={"data_path": str(atomic_dataset), "normalize_all": False,
+                     "load_col": {"inter": ["user_id", "item_id", "timestamp"],
+                                  "item": ["item_id", "genre", "brand", "price"]}})
+    dataset = create_dataset(config)
+    feat = dataset.item_feat
+    item = {raw: dataset.token2id("item_id", raw) for raw in ["2", "3", "5"]}
+    assert feat["genre"][item["2"]].sum().item() == 0  # empty token sequence, not a crash
+    assert feat["brand"][item["3"]].item() == 0  # missing token -> [PAD]
+    assert feat["price"][item["5"]].item() == pytest.approx((1.0 + 3.0 + 5.0 + 2.0) / 4)  # mean imputation
+    assert not np.isnan(np.asarray(feat["price"], dtype=float)).any()
+
+
+class NotAllowed:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_trainer_loads_checkpoints_weights_only(tmp_path):
+    import recbole.trainer.trainer as trainer_module
+
+    path = tmp_path / "ck.pth"
+    trainer_module.torch.save({"config": recbole_blossom.BlossomConfig(model="BlossomSASRec", dataset="ml-100k"),
+                               "w": torch.ones(2)}, path)
+    loaded = trainer_module.torch.load(path, map_location="cpu")
+    assert loaded["config"]["model"] == "BlossomSASRec" and torch.equal(loaded["w"], torch.ones(2))
+    with pytest.raises(ValueError, match="weights_only=False"):
+        trainer_module.torch.load(path, weights_only=False)
+    torch.save({"evil": NotAllowed()}, tmp_path / "evil.pth")  # a class outside the allow-list
+    with pytest.raises(Exception, match="print"):
+        trainer_module.torch.load(tmp_path / "evil.pth")

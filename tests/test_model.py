@@ -1,0 +1,164 @@
+"""BlossomSASRec as a RecBole model: config, invariances, training, checkpoints, quick-start API."""
+
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.trainer import Trainer
+from recbole.utils import init_seed
+
+import recbole_blossom
+from recbole_blossom import BlossomConfig, BlossomSASRec
+
+TINY = {
+    "user_inter_num_interval": "[20,30]",  # about 200 users of ml-100k: seconds per epoch on 2 cores
+    "hidden_size": 16,
+    "inner_size": 32,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "MAX_ITEM_LIST_LENGTH": 40,
+    "train_batch_size": 256,
+    "eval_batch_size": 256,
+    "epochs": 1,
+    "show_progress": False,
+    "seed": 2020,
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    config = BlossomConfig(model="BlossomSASRec", dataset="ml-100k",
+                           config_dict={**TINY, "checkpoint_dir": str(tmp_path_factory.mktemp("saved"))})
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    return config, dataset, *data_preparation(config, dataset)
+
+
+def make_model(config, train_data, **overrides):
+    for key, value in overrides.items():
+        config[key] = value
+    init_seed(config["seed"], config["reproducibility"])
+    return BlossomSASRec(config, train_data._dataset)
+
+
+def test_config_defaults_are_the_reference_settings():
+    config = BlossomConfig(model="BlossomSASRec", dataset="ml-100k")
+    expected = {"hidden_size": 128, "inner_size": 256, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2,
+                "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.2, "learning_rate": 1e-3,
+                "train_batch_size": 2048, "loss_type": "CE", "stopping_step": 15, "cmp_block_len": 32,
+                "cmp_stride": 16, "slc_block_size": 16, "n_slc_blocks": 4, "stis_window": 8,
+                "valid_metric": "NDCG@10"}
+    assert {k: config[k] for k in expected} == expected
+    assert config["train_neg_sample_args"]["distribution"] == "none"  # CE over all items, no sampling
+    assert config["eval_args"]["order"] == "TO" and config["eval_args"]["split"] == {"LS": "valid_and_test"}
+
+
+def test_user_config_overrides_plugin_defaults(tmp_path):
+    user_file = tmp_path / "mine.yaml"
+    user_file.write_text("n_slc_blocks: 2\nhidden_size: 64\n")
+    config = BlossomConfig(model="BlossomSASRec", dataset="ml-100k", config_file_list=[str(user_file)],
+                           config_dict={"hidden_size": 32})
+    assert config["n_slc_blocks"] == 2 and config["hidden_size"] == 32 and config["cmp_stride"] == 16
+
+
+def test_builtin_models_resolve_with_their_own_defaults():
+    config = BlossomConfig(model="SASRec", dataset="ml-100k")
+    assert config["model"] == "SASRec" and config["n_heads"] == 2  # RecBole's SASRec.yaml
+    assert config["train_batch_size"] == 2048  # the plugin's shared protocol
+
+
+def test_model_is_sasrec_with_blossom_attention(data):
+    config, _, train_data, _, _ = data
+    model = make_model(config, train_data)
+    assert isinstance(model, recbole_blossom.model.blossom_sasrec.SASRec)
+    assert not hasattr(model, "position_embedding")
+    assert all(isinstance(layer.multi_head_attention, recbole_blossom.BlossomAttention)
+               for layer in model.trm_encoder.layer)
+
+
+def test_invalid_hyperparameter_fails_at_construction(data):
+    config, _, train_data, _, _ = data
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        make_model(config, train_data, n_kv_heads=3)
+    config["n_kv_heads"] = 2
+
+
+def test_padding_and_batch_invariance_of_the_encoding(data):
+    config, _, train_data, _, _ = data
+    model = make_model(config, train_data).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([40, 17, 3])
+    seq = torch.randint(1, model.n_items, (3, 40), generator=g)
+    seq[torch.arange(40)[None, :] >= lengths[:, None]] = 0
+    with torch.no_grad():
+        out = model(seq, lengths)
+        longer = model(torch.cat((seq, torch.zeros(3, 30, dtype=torch.long)), dim=1), lengths)  # larger max length
+        alone = torch.stack([model(seq[b:b + 1, :n], lengths[b:b + 1])[0] for b, n in enumerate(lengths.tolist())])
+    assert torch.allclose(out, longer, atol=1e-5)
+    assert torch.allclose(out, alone, atol=1e-5)
+
+
+def test_prediction_at_t_ignores_later_items(data):
+    config, _, train_data, _, _ = data
+    model = make_model(config, train_data).eval()
+    seq = torch.randint(1, model.n_items, (1, 40))
+    with torch.no_grad():
+        a = model(seq, torch.tensor([25]))
+        seq[0, 25:] = torch.randint(1, model.n_items, (15,))
+        b = model(seq, torch.tensor([25]))
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_training_steps_lower_the_loss(data):
+    config, _, train_data, _, _ = data
+    model = make_model(config, train_data)
+    batch = next(iter(train_data))
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    model.eval()
+    with torch.no_grad():
+        before = model.calculate_loss(batch).item()
+    model.train()
+    for _ in range(15):
+        optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = model.calculate_loss(batch).item()
+    assert after < before - 0.1, (before, after)
+    frozen = [p for n, p in model.named_parameters() if ".ltis." in n]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
+def test_fit_save_and_load_give_identical_predictions(data):
+    config, _, train_data, valid_data, test_data = data
+    model = make_model(config, train_data)
+    trainer = Trainer(config, model)
+    trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    result = trainer.evaluate(test_data, load_best_model=True)  # goes through the safe torch.load
+    assert 0.0 <= result["ndcg@10"] <= 1.0
+    batch = next(iter(test_data))[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model.full_sort_predict(batch)
+    _, loaded, *_ , loaded_test = recbole_blossom.load_data_and_model(trainer.saved_model_file)
+    loaded.eval()
+    with torch.no_grad():
+        got = loaded.full_sort_predict(next(iter(loaded_test))[0])
+    assert type(loaded) is BlossomSASRec
+    assert torch.equal(expected, got)
+
+
+def test_run_api_returns_recbole_result(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = recbole_blossom.run("BlossomSASRec", "ml-100k", config_dict={**TINY, "n_layers": 1}, saved=False)
+    assert set(result) >= {"best_valid_score", "valid_score_bigger", "best_valid_result", "test_result"}
+    assert set(result["test_result"]) == {"recall@10", "mrr@10", "ndcg@10"}
+
+
+def test_objective_function_for_hyper_tuning(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "fixed.yaml"
+    cfg.write_text("model: BlossomSASRec\ndataset: ml-100k\n")
+    out = recbole_blossom.objective_function(config_dict={**TINY, "n_layers": 1}, config_file_list=[str(cfg)],
+                                             saved=False)
+    assert out["model"] == "BlossomSASRec" and "ndcg@10" in out["test_result"]
