@@ -9,7 +9,6 @@ and ``properties/dataset/<dataset>.yaml``; then the user's config files, config 
 import glob
 import os
 
-import yaml
 from recbole.config import Config
 from recbole.utils import get_model as recbole_get_model
 
@@ -63,6 +62,29 @@ class BlossomConfig(Config):
             raise KeyError("model must be given: as an argument, in a config file, a config dict or --model=NAME")
         return super()._get_model_and_dataset(get_model_class(model), dataset)
 
+    def _init_device(self):
+        """RecBole's device set-up, except that a multi-process run without GPUs uses gloo on the CPU.
+
+        RecBole always starts NCCL on GPU ``local_rank``. When CUDA is unavailable, ``use_gpu`` is false or
+        ``gpu_id`` is empty, each process here joins a gloo group over ``ip:port`` and trains on the CPU.
+        """
+        import torch
+
+        config = self.final_config_dict
+        gpu_id = str(config["gpu_id"]) if not isinstance(config["gpu_id"], tuple) else ",".join(map(str, config["gpu_id"]))
+        on_cpu = not torch.cuda.is_available() or not config["use_gpu"] or not gpu_id
+        if "local_rank" not in config or not on_cpu:
+            return super()._init_device()
+        config["gpu_id"] = gpu_id
+        torch.distributed.init_process_group(
+            backend="gloo", rank=config["local_rank"] + config["offset"], world_size=config["world_size"],
+            init_method=f"tcp://{config['ip']}:{config['port']}",
+        )
+        config["device"] = torch.device("cpu")
+        config["single_spec"] = False
+        if config["local_rank"] != 0:
+            config.update(state="error", show_progress=False, verbose=False)
+
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         root = properties_dir()
@@ -75,13 +97,3 @@ class BlossomConfig(Config):
                 loaded = self._update_internal_config_dict(path) or {}
                 if path.endswith(os.path.join("dataset", f"{dataset}.yaml")):
                     self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
-
-
-def model_from_sources(config_dict=None, config_file_list=None):
-    """The model name given in a config dict or config files (later files win), or None."""
-    name = (config_dict or {}).get("model")
-    if name is None:
-        for path in config_file_list or []:
-            with open(path, encoding="utf-8") as f:
-                name = (yaml.safe_load(f) or {}).get("model", name)
-    return name
