@@ -71,9 +71,9 @@ def parse_args(argv):
                                      epilog="Other --key=value arguments override RecBole config keys.")
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default {DEFAULT_MODELS})")
     parser.add_argument("--datasets", default="ml-100k", help="comma-separated dataset names (default ml-100k)")
-    default_data = os.path.join(os.path.dirname(ROOT), "shared", "datasets")
+    shared = [os.path.join(base, "shared", "datasets") for base in (os.path.dirname(ROOT), ROOT)]
     parser.add_argument("--data_path", "--data-path", dest="data_path",
-                        default=default_data if os.path.isdir(default_data) else "dataset",
+                        default=next((p for p in shared if os.path.isdir(p)), "dataset"),
                         help="folder holding <dataset>/<dataset>.inter (ml-100k ships inside RecBole)")
     parser.add_argument("--out", default=os.path.join("bench_out", "compare"), help="output folder")
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: overall.yaml's)")
