@@ -147,7 +147,7 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def measure(name, cls, extra, max_len, batch, args, device, dtype):
+def measure(name, cls, extra, max_len, batch, args, device, dtype, with_infer=True):
     """One row: training step and inference batch of model ``name`` at ``max_len``."""
     row = {"model": name, "L": max_len, "batch": batch}
     model = opt = data = None
@@ -165,7 +165,7 @@ def measure(name, cls, extra, max_len, batch, args, device, dtype):
             loss.backward()
             opt.step()
 
-        def infer():
+        def infer_batch():
             with torch.no_grad(), autocast:
                 model.full_sort_predict(data)
 
@@ -174,7 +174,8 @@ def measure(name, cls, extra, max_len, batch, args, device, dtype):
         row["train_tok_per_s"] = batch * max_len / row["train_ms"] * 1e3
         opt.zero_grad(set_to_none=True)
         model.eval()
-        row["infer_ms"], row["infer_mib"] = timed(infer, args.warmup, args.repeats, device)
+        if with_infer:
+            row["infer_ms"], row["infer_mib"] = timed(infer_batch, args.warmup, args.repeats, device)
         row["status"] = "ok"
     except (RuntimeError, torch.OutOfMemoryError) as err:
         if not is_oom(err):
@@ -233,10 +234,36 @@ def plot(rows, path):
     print(f"plot: {path}")
 
 
+def profile(name, cls, extra, max_len, batch, args, device, dtype):
+    """Print the costliest kernels of a few training steps (after a warm-up)."""
+    torch.manual_seed(0)
+    model = cls(make_config(max_len, device, extra), FakeDataset(args.n_items)).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = make_batch(batch, max_len, args.n_items, device, torch.Generator().manual_seed(0))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model.calculate_loss(data)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"\n== {name} L={max_len} B={batch}: 3 training steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    del model, opt, data
+    free(device)
+
+
 def fits(cls, extra, max_len, batch, args, device, dtype):
     """Whether one training step of ``batch`` sequences of length ``max_len`` runs (after one warm-up)."""
     small = argparse.Namespace(**{**vars(args), "warmup": 1, "repeats": 1})
-    row = measure("search", cls, extra, max_len, batch, small, device, dtype)
+    row = measure("search", cls, extra, max_len, batch, small, device, dtype, with_infer=False)
     return row["status"] == "ok", row
 
 
@@ -280,6 +307,7 @@ def main():
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench_out", help="folder for the CSV and the plot")
+    parser.add_argument("--profile", action="store_true", help="profile one training step of each model/L")
     parser.add_argument("--max-len-search", action="store_true")
     parser.add_argument("--batch", type=int, default=64, help="batch size of --max-len-search")
     parser.add_argument("--search-start", type=int, default=512)
@@ -304,6 +332,11 @@ def main():
           f"n_items {args.n_items}", flush=True)
     if args.max_len_search:
         max_len_search(classes, args, device, dtype)
+        return
+    if args.profile:
+        for L in args.lengths:
+            for name in args.models:
+                profile(name, *classes[name], L, max(1, args.tokens // L), args, device, dtype)
         return
     rows = []
     for L in args.lengths:

@@ -76,7 +76,7 @@ if triton is not None:
         return rnd >= dropout_p
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, IDX, L, scale, dropout_p, seed,
+    def _fwd_kernel(Q, K, V, O, LSE, IDX, LENS, L, scale, dropout_p, seed,
                     sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     N_SLOTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr,
@@ -114,13 +114,13 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
             m = m_new
         den_safe = tl.where(den > 0.0, den, 1.0)
-        out = acc / den_safe[:, None]
+        out = tl.where((offs_t < tl.load(LENS + b))[:, None], acc / den_safe[:, None], 0.0)  # padding rows: 0
         o_ptr = O + b * sqb + h * sqh + offs_t[:, None] * sql + offs_d[None, :]
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
         tl.store(LSE + bh * L + offs_t, m + tl.log(den_safe), mask=t_ok)
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, L, scale, dropout_p, seed,
+    def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, LENS, L, scale, dropout_p, seed,
                        sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
                        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                        N_SLOTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr,
@@ -136,7 +136,8 @@ if triton is not None:
         row = b * sqb + h * sqh + offs_t[:, None] * sql + offs_d[None, :]
         row_mask = t_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + row, mask=row_mask, other=0.0).to(tl.float32) * scale
-        do = tl.load(DO + row, mask=row_mask, other=0.0).to(tl.float32)
+        do_mask = row_mask & (offs_t < tl.load(LENS + b))[:, None]  # padding rows get no gradient
+        do = tl.load(DO + row, mask=do_mask, other=0.0).to(tl.float32)
         lse = tl.load(LSE + bh * L + offs_t, mask=t_ok, other=0.0)
         delta = tl.load(DELTA + bh * L + offs_t, mask=t_ok, other=0.0)
         kv_base = b * skb + hkv * skh
@@ -158,7 +159,7 @@ if triton is not None:
         tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, L, scale, dropout_p, seed,
+    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, LENS, L, scale, dropout_p, seed,
                          sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
                          H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                          D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr,
@@ -171,6 +172,7 @@ if triton is not None:
         offs_d = tl.arange(0, D_P2)
         t_ok, d_ok = offs_t < L, offs_d < D
         row_mask = t_ok[:, None] & d_ok[None, :]
+        do_mask = row_mask & (offs_t < tl.load(LENS + b))[:, None]  # padding rows get no gradient
         kv_base = b * skb + hkv * skh
         idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
         for c in range(N_CHUNKS):
@@ -186,7 +188,7 @@ if triton is not None:
                 bh = b * H + h
                 row = b * sqb + h * sqh + offs_t[:, None] * sql + offs_d[None, :]
                 q = tl.load(Q + row, mask=row_mask, other=0.0).to(tl.float32) * scale
-                do = tl.load(DO + row, mask=row_mask, other=0.0).to(tl.float32)
+                do = tl.load(DO + row, mask=do_mask, other=0.0).to(tl.float32)
                 lse = tl.load(LSE + bh * L + offs_t, mask=t_ok, other=0.0)
                 delta = tl.load(DELTA + bh * L + offs_t, mask=t_ok, other=0.0)
                 p = tl.where(ok, tl.exp(tl.sum(q[:, None, :] * k, axis=2) - lse[:, None]), 0.0)
@@ -222,7 +224,7 @@ class _GatheredAttention(torch.autograd.Function):
     """``out[b, h, t] = softmax_j(q . k[pos_j] * scale) v[pos_j]`` over the slots ``idx[b, h // G, t]``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, idx, block, scale, dropout_p):
+    def forward(ctx, q, k, v, idx, lengths, block, scale, dropout_p):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, L, D = q.shape
         meta, strides = _launch_args(q, k, idx, block)
@@ -231,21 +233,21 @@ class _GatheredAttention(torch.autograd.Function):
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         block_t = 32
         grid = (triton.cdiv(L, block_t), B * H)
-        _fwd_kernel[grid](q, k, v, out, lse, idx, L, scale, dropout_p, seed, *strides, BLOCK_T=block_t,
+        _fwd_kernel[grid](q, k, v, out, lse, idx, lengths, L, scale, dropout_p, seed, *strides, BLOCK_T=block_t,
                           DROPOUT=dropout_p > 0.0, num_warps=4, **meta)
-        ctx.save_for_backward(q, k, v, out, lse, idx)
+        ctx.save_for_backward(q, k, v, out, lse, idx, lengths)
         ctx.block, ctx.scale, ctx.dropout_p, ctx.seed = block, scale, dropout_p, seed
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, idx = ctx.saved_tensors
+        q, k, v, out, lse, idx, lengths = ctx.saved_tensors
         dout = dout.contiguous()
         B, H, L, D = q.shape
         Hkv = k.shape[1]
         meta, strides = _launch_args(q, k, idx, ctx.block)
-        delta = (dout.float() * out.float()).sum(-1)  # (B, H, L)
-        common = (lse, delta, idx, L, ctx.scale, ctx.dropout_p, ctx.seed, *strides)
+        delta = (dout.float() * out.float()).sum(-1)  # (B, H, L); 0 on padding rows (out is 0 there)
+        common = (lse, delta, idx, lengths, L, ctx.scale, ctx.dropout_p, ctx.seed, *strides)
         dq = torch.empty_like(q)
         block_t = 32
         _bwd_dq_kernel[(triton.cdiv(L, block_t), B * H)](q, k, v, dout, dq, *common, BLOCK_T=block_t,
@@ -256,7 +258,7 @@ class _GatheredAttention(torch.autograd.Function):
         _bwd_dkdv_kernel[(triton.cdiv(L, block_t), B * Hkv)](q, k, v, dout, dk, dv, *common, HKV=Hkv,
                                                              BLOCK_T=block_t, DROPOUT=ctx.dropout_p > 0.0,
                                                              num_warps=4, **meta)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, training=False, scale=None):
@@ -270,11 +272,9 @@ def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, trainin
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     p = float(dropout_p) if training else 0.0
-    out = _GatheredAttention.apply(q, k, v, idx, block, scale, p)
-    if lengths is not None:
-        keep = torch.arange(q.shape[2], device=q.device)[None, :] < lengths[:, None]
-        out = out * keep[:, None, :, None].to(out.dtype)
-    return out
+    if lengths is None:
+        lengths = torch.full((q.shape[0],), q.shape[2], device=q.device, dtype=torch.int32)
+    return _GatheredAttention.apply(q, k, v, idx, lengths.to(torch.int32), block, scale, p)
 
 
 def fast_selected_block_attention(q, k, v, blocks, valid, select_size, lengths=None, dropout_p=0.0,

@@ -68,13 +68,38 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
             slc_scores = probs @ overlap  # (B, Hkv, C, n_slc)
             candidate = torch.arange(n_slc, device=q.device)[None, :] < own[s:e, None]  # strictly past blocks
             slc_scores = slc_scores.masked_fill(~candidate, float("-inf"))
-            top_scores, top_idx = slc_scores.topk(n_top, dim=-1)
+            top_scores, top_idx = top_n(slc_scores, n_top)
             blocks[:, :, s:e] = top_idx
             valid[:, :, s:e] = top_scores > float("-inf")
     own_blocks = own.view(1, 1, L, 1).expand(B, Hkv, L, 1)
     blocks = torch.cat((blocks, own_blocks), dim=-1)
     valid = torch.cat((valid, torch.ones_like(own_blocks, dtype=torch.bool)), dim=-1)
     return blocks, valid
+
+
+def top_n(scores, n):
+    """``scores.topk(n, dim=-1)`` (best first); for small ``n`` by repeated max, much faster on CUDA than
+    ``topk`` over many short rows. ``scores`` is overwritten."""
+    if n > 8:
+        return scores.topk(n, dim=-1)
+    values, index = [], []
+    for _ in range(n):
+        value, i = scores.max(dim=-1, keepdim=True)
+        values.append(value)
+        index.append(i)
+        scores.scatter_(-1, i, float("-inf"))
+    return torch.cat(values, -1), torch.cat(index, -1)
+
+
+def causal_attention(q, k, v, lengths=None, dropout_p=0.0, training=False, scale=None):
+    """Plain causal attention (fused), kv heads shared by groups of query heads; rows ``>= lengths`` zero."""
+    G = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1),
+                                         dropout_p=dropout_p if training else 0.0, is_causal=True, scale=scale)
+    if lengths is not None:
+        keep = torch.arange(q.shape[2], device=q.device)[None, :] < lengths[:, None]
+        out = out * keep[:, None, :, None].to(out.dtype)
+    return out
 
 
 def selected_token_mask(blocks, valid, length, select_size):
@@ -175,6 +200,9 @@ class LTIS(nn.Module):
     def forward(self, q, k, v, lengths=None, q_score=None, k_score=None):
         """``q`` ``(B, H, L, D)``, ``k, v`` ``(B, Hkv, L, D)``; blocks are scored with ``q_score, k_score``
         (default ``q, k``). Returns ``(B, H, L, D)``."""
+        if -(-q.shape[2] // self.select_size) - 1 <= self.n_select:
+            # every query selects all of its past blocks whatever the scores: LTIS is causal attention
+            return causal_attention(q, k, v, lengths, self.dropout_p, self.training)
         q_score = q if q_score is None else q_score
         k_score = k if k_score is None else k_score
         with torch.no_grad():

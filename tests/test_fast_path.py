@@ -8,7 +8,7 @@ import torch
 
 from recbole_blossom.attention import BlossomAttention, BlossomHParams
 from recbole_blossom.fast import fast_selected_block_attention, fast_stis_attention, triton, use_fast
-from recbole_blossom.ltis import num_compressed_blocks, select_blocks, selected_block_attention
+from recbole_blossom.ltis import LTIS, num_compressed_blocks, select_blocks, selected_block_attention, top_n
 from recbole_blossom.stis import stis_attention
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reason="needs CUDA and Triton")
@@ -162,3 +162,29 @@ def test_fast_dropout_gradient_is_consistent():
         assert abs(numeric - analytic) <= 2e-2 * max(1.0, abs(analytic)), (numeric, analytic)
         torch.manual_seed(2)
         assert not torch.equal(fn(q), out), "dropout should change with the seed"
+
+
+# --- shortcuts shared by both paths (CPU) ---------------------------------------------------------------
+
+def test_top_n_is_topk():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 7, 40)
+    x[0, 0, :, 5:] = float("-inf")  # rows with fewer candidates than n
+    for n in (1, 4, 8, 12):
+        ref_v, ref_i = x.topk(n, dim=-1)
+        v, i = top_n(x.clone(), n)
+        torch.testing.assert_close(v, ref_v)
+        finite = torch.isfinite(ref_v)
+        assert torch.equal(i[finite], ref_i[finite])
+
+
+@pytest.mark.parametrize("L", [33, 50, 80])
+def test_ltis_short_sequences_are_causal_attention(L):
+    """When every query selects all of its past blocks, LTIS skips scoring: same result as the long way."""
+    torch.manual_seed(0)
+    ltis = LTIS(16, 2).eval()
+    q, k, v = torch.randn(2, 8, L, 16), torch.randn(2, 2, L, 16), torch.randn(2, 2, L, 16)
+    lengths = torch.tensor([L, 9])
+    blocks, valid = select_blocks(q, ltis.compressor(k), ltis.memory_key, 32, 16, 16, 4)
+    ref = selected_block_attention(q, k, v, blocks, valid, 16, lengths)
+    torch.testing.assert_close(ltis(q, k, v, lengths), ref, rtol=1e-5, atol=1e-6)
