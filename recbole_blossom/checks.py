@@ -81,7 +81,8 @@ def read_header(path, sep, encoding):
             )
         if ftype not in ALLOWED_TYPES:
             raise DatasetFormatError(
-                f"{path}: line 1, column {index} ({field}) has type {ftype!r}; allowed types: {', '.join(ALLOWED_TYPES)}"
+                f"{path}: line 1, column {index} ({field}) has type {ftype!r}; "
+                f"allowed types: {', '.join(ALLOWED_TYPES)}"
             )
         columns.append((field, ftype))
     names = [field for field, _ in columns]
@@ -91,13 +92,12 @@ def read_header(path, sep, encoding):
     return columns
 
 
-def _check_float(path, line_no, index, field, value, what="a number"):
+def _check_float(path, line_no, index, field, value, rule):
     try:
         float(value)
     except ValueError:
         raise DatasetFormatError(
-            f"{path}: line {line_no}, column {index} ({field}) is {value!r}, which is not {what}; "
-            f"float columns hold numbers or are empty"
+            f"{path}: line {line_no}, column {index} ({field}) holds {value!r}, which is not a number; {rule}"
         ) from None
 
 
@@ -125,11 +125,11 @@ def check_rows(path, columns, loaded, sep, seq_sep, encoding, max_rows=SAMPLE_RO
                     if not value:
                         continue
                     if ftype == "float":
-                        _check_float(path, line_no, index, field, value)
+                        _check_float(path, line_no, index, field, value, "float columns hold a number or nothing")
                     else:
+                        rule = f"float_seq columns hold numbers separated by seq_separator {seq_sep!r}"
                         for item in filter(None, value.split(seq_sep)):
-                            _check_float(path, line_no, index, field, item,
-                                         f"a list of numbers separated by seq_separator {seq_sep!r}")
+                            _check_float(path, line_no, index, field, item, rule)
     except UnicodeDecodeError as err:
         raise DatasetFormatError(f"{path}: not valid {encoding} (config key encoding): {err}") from None
 
@@ -164,8 +164,8 @@ def check_atomic_files(config, max_rows=SAMPLE_ROWS):
                 why = " (eval_args order is TO, which sorts by time)" if key == "TIME_FIELD" else ""
                 if field not in names:
                     raise DatasetFormatError(
-                        f"{path}: the header has no column '{field}' ({key}{why}); columns: {', '.join(sorted(names))}. "
-                        f"Set {key} to one of them or add the column"
+                        f"{path}: the header has no column '{field}' ({key}{why}); "
+                        f"columns: {', '.join(sorted(names))}. Set {key} to one of them or add the column"
                     )
                 if not _is_loaded(field, loaded):
                     raise DatasetFormatError(

@@ -71,7 +71,8 @@ class BlossomConfig(Config):
         import torch
 
         config = self.final_config_dict
-        gpu_id = str(config["gpu_id"]) if not isinstance(config["gpu_id"], tuple) else ",".join(map(str, config["gpu_id"]))
+        gpu_id = config["gpu_id"]
+        gpu_id = ",".join(map(str, gpu_id)) if isinstance(gpu_id, tuple) else str(gpu_id)
         on_cpu = not torch.cuda.is_available() or not config["use_gpu"] or not gpu_id
         if "local_rank" not in config or not on_cpu:
             return super()._init_device()

@@ -74,9 +74,17 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     logger.info(model)
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if not config["single_spec"]:
+        # RecBole names the checkpoint by each process's clock and only rank 0 writes it: every process
+        # must read rank 0's file, and only after rank 0 has finished writing it.
+        names = [trainer.saved_model_file]
+        dist.broadcast_object_list(names, src=0)
+        trainer.saved_model_file = names[0]
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
+    if not config["single_spec"]:
+        dist.barrier()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())

@@ -1,0 +1,257 @@
+"""Bad input fails clearly before any work; training is reproducible, AMP-safe and runs in several processes."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+from recbole.data import create_dataset
+from recbole.utils import get_trainer
+from tiny_runs import tiny
+
+import recbole_blossom
+from recbole_blossom import BlossomHParams
+from recbole_blossom.checks import DatasetFormatError, DatasetNotFoundError, check_atomic_files
+from recbole_blossom.compat import safe_torch_load
+from recbole_blossom.config import BlossomConfig, get_model_class
+from recbole_blossom.quick_start import _build_model, _prepare, check_dataset
+
+# ------------------------------------------------------------------------------------ hyperparameters
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    ({"hidden_size": 30, "n_heads": 4}, ["hidden_size", "n_heads", "divisible"]),
+    ({"n_heads": 4, "n_kv_heads": 3}, ["n_heads", "n_kv_heads", "divisible"]),
+    ({"cmp_stride": 16, "slc_block_size": 24}, ["slc_block_size", "cmp_stride", "multiple"]),
+    ({"cmp_block_len": 8, "cmp_stride": 16, "slc_block_size": 16}, ["cmp_block_len", "cmp_stride", ">="]),
+])
+def test_inconsistent_hyperparameters_name_both_keys(overrides, keys):
+    with pytest.raises(ValueError) as err:
+        BlossomHParams(**overrides).validate()
+    for key in keys:
+        assert key in str(err.value)
+
+
+COUNTS = ["hidden_size", "n_heads", "n_kv_heads", "cmp_block_len", "cmp_stride", "slc_block_size", "n_slc_blocks",
+          "stis_window", "ltis_chunk_size"]
+
+
+@pytest.mark.parametrize("key", COUNTS)
+@pytest.mark.parametrize("value", [0, -2, 1.5, "4"])
+def test_non_positive_or_non_integer_counts_are_refused(key, value):
+    with pytest.raises(ValueError, match=f"^{key} must be a positive integer, got {value!r}"):
+        BlossomHParams(**{key: value}).validate()
+
+
+def test_reference_hyperparameters_are_valid():
+    BlossomHParams().validate()  # no error: the failures above come from the bad values
+
+
+def test_bad_hyperparameters_fail_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="n_heads .* n_kv_heads"):
+        recbole_blossom.run("BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path, n_heads=4, n_kv_heads=3))
+    assert os.listdir(tmp_path) == []  # no log, no checkpoint folder: nothing started
+
+
+# ----------------------------------------------------------------------------------------- model names
+
+
+def test_unknown_model_lists_the_available_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as err:
+        get_model_class("BlossomSASRek")
+    message = str(err.value)
+    assert "'BlossomSASRek' is unknown" in message
+    for name in ("BlossomSASRec", "SASRec", "BERT4Rec", "BPR"):
+        assert name in message
+    with pytest.raises(ValueError, match="'NoSuchModel' is unknown.*BlossomSASRec"):
+        recbole_blossom.run("NoSuchModel", "ml-100k", config_dict=tiny(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_model_names_resolve_to_plugin_then_recbole_classes():
+    from recbole.model.sequential_recommender import SASRec
+
+    assert get_model_class("BlossomSASRec") is recbole_blossom.BlossomSASRec
+    assert get_model_class("SASRec") is SASRec
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+GOOD_INTER = [
+    "user_id:token\titem_id:token\trating:float\ttimestamp:float",
+    *[f"{u}\t{i}\t{(u + i) % 5 + 1}\t{1000 + 10 * u + i}" for u in range(1, 9) for i in range(1, 7)],
+]
+
+
+def toy_config(root, inter=GOOD_INTER, item=None, **overrides):
+    """A config for dataset 'toy' whose atomic files are written under ``root``."""
+    folder = root / "toy"
+    folder.mkdir(exist_ok=True)
+    if inter is not None:
+        (folder / "toy.inter").write_text("\n".join(inter) + "\n", encoding="utf-8")
+    if item is not None:
+        (folder / "toy.item").write_text("\n".join(item) + "\n", encoding="utf-8")
+    config_dict = {**tiny(root), "data_path": str(root), "load_col": None, "user_inter_num_interval": None, **overrides}
+    return BlossomConfig("SASRec", "toy", config_dict=config_dict)
+
+
+def test_valid_toy_dataset_passes_and_recbole_loads_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    items = ["1\ta b\t2.5", "2\t\t", "3\tc\t1e3", "4\td\t-1", "5\ta\t0", "6\tb c\t.5"]
+    config = toy_config(tmp_path, item=["item_id:token\tgenre:token_seq\tprice:float", *items])
+    check_dataset(config)
+    dataset = create_dataset(config)
+    assert dataset.inter_num == len(GOOD_INTER) - 1
+    assert dataset.item_feat["price"][dataset.token2id("item_id", "3")] == 1e3
+
+
+def test_bundled_ml100k_passes_with_every_column(tmp_path):
+    config = BlossomConfig("SASRec", "ml-100k", config_dict={"load_col": None, "checkpoint_dir": str(tmp_path)})
+    check_dataset(config)  # .inter, .user and .item of RecBole's ml-100k are well formed
+
+
+def test_missing_folder_and_file(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=f"dataset 'toy' not found: looked in {tmp_path / 'toy'}"
+                                                   r" \(the folder does not exist\)"):
+        check_dataset(BlossomConfig("SASRec", "toy", config_dict={"data_path": str(tmp_path)}))
+    (tmp_path / "toy").mkdir()
+    with pytest.raises(DatasetNotFoundError, match=r"it lacks toy\.inter"):
+        check_dataset(BlossomConfig("SASRec", "toy", config_dict={"data_path": str(tmp_path)}))
+
+
+def replaced(line_no, text, lines=GOOD_INTER):
+    return [text if i == line_no - 1 else line for i, line in enumerate(lines)]
+
+
+@pytest.mark.parametrize("inter, overrides, pattern", [
+    (replaced(1, "user_id\titem_id:token\trating:float\ttimestamp:float"), {},
+     r"toy\.inter: line 1, column 1 is 'user_id', not a 'name:type' pair.*"
+     r"types: token, float, token_seq, float_seq"),
+    (replaced(1, "user_id:token\titem_id:token\trating:int\ttimestamp:float"), {},
+     r"toy\.inter: line 1, column 3 \(rating\) has type 'int'; "
+     r"allowed types: token, float, token_seq, float_seq"),
+    (replaced(1, "user_id:token,item_id:token,rating:float,timestamp:float"), {},
+     r"toy\.inter: line 1, column 1 is 'user_id:token,item_id:token.*field_separator '\\t'"),
+    ([line.replace("item_id", "movie_id") for line in GOOD_INTER], {},
+     r"toy\.inter: the header has no column 'item_id' \(ITEM_ID_FIELD\); columns: movie_id, rating, timestamp, "
+     r"user_id"),
+    ([line.rsplit("\t", 1)[0] for line in GOOD_INTER], {},
+     r"toy\.inter: the header has no column 'timestamp' \(TIME_FIELD \(eval_args order is TO"),
+    (GOOD_INTER, {"USER_ID_FIELD": "session"}, r"no column 'session' \(USER_ID_FIELD\)"),
+    (GOOD_INTER, {"load_col": {"inter": ["user_id", "item_id"]}},
+     r"column 'timestamp' \(TIME_FIELD.*load_col/unload_col leaves it out"),
+    (replaced(4, "1\t3\t5"), {}, r"toy\.inter: line 4 has 3 columns, but the header has 4 "
+                                 r"\(user_id, item_id, rating, timestamp\)"),
+    (replaced(6, "1\t5\t5\t1000\textra"), {}, r"toy\.inter: line 6 has 5 columns, but the header has 4"),
+    (replaced(9, "2\t2\tfive\t1022"), {},
+     r"toy\.inter: line 9, column 3 \(rating\) holds 'five', which is not a number; float columns hold"),
+    (replaced(1, "user_id:token\titem_id:token\trating:float\ttimestamp:float\tuser_id:token",
+              [line + "\t1" for line in GOOD_INTER]), {},
+     r"toy\.inter: line 1 names column\(s\) user_id more than once"),
+])
+def test_malformed_inter_file_names_file_line_and_column(tmp_path, inter, overrides, pattern):
+    config = toy_config(tmp_path, inter=inter, **overrides)
+    with pytest.raises(DatasetFormatError, match=pattern) as err:
+        check_dataset(config)
+    assert str(tmp_path / "toy" / "toy.inter") in str(err.value)
+
+
+def test_time_column_is_optional_when_not_ordering_by_time(tmp_path):
+    inter = [line.rsplit("\t", 1)[0] for line in GOOD_INTER]
+    config = toy_config(tmp_path, inter=inter, eval_args={"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO",
+                                                        "group_by": "user", "mode": "full"})
+    check_atomic_files(config)  # no TIME_FIELD needed for a random order
+
+
+def test_malformed_item_and_float_seq_files(tmp_path):
+    pattern = r"toy\.item: line 3, column 2 \(vec\) holds 'x', which is not a number.*seq_separator ' '"
+    with pytest.raises(DatasetFormatError, match=pattern):
+        check_dataset(toy_config(tmp_path, item=["item_id:token\tvec:float_seq", "1\t0.5 1", "2\t0.5 x"]))
+    # a column that load_col leaves out is not checked (RecBole does not read it)
+    config = toy_config(tmp_path, item=["item_id:token\tvec:float_seq", "1\t0.5 1", "2\t0.5 x"],
+                        load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id"]})
+    check_dataset(config)
+
+
+def test_missing_additional_feature_file(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"toy\.ent does not exist; additional_feat_suffix lists 'ent'"):
+        check_dataset(toy_config(tmp_path, additional_feat_suffix=["ent"]))
+
+
+def test_malformed_dataset_fails_before_any_work(tmp_path, monkeypatch):
+    toy_config(tmp_path, inter=replaced(5, "3\t2\tbad\t1"))
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(DatasetFormatError, match="line 5"):
+        recbole_blossom.run("SASRec", "toy",
+                            config_dict={**tiny(tmp_path), "data_path": str(tmp_path), "load_col": None})
+    assert sorted(os.listdir(tmp_path)) == before  # no log/ and no saved/: nothing started
+
+
+def test_rows_beyond_the_sample_are_not_read(tmp_path):
+    config = toy_config(tmp_path, inter=[*GOOD_INTER, "9\t9\tnot-a-number\t1"])
+    check_atomic_files(config, max_rows=len(GOOD_INTER) - 1)  # the bad last row is outside the sample
+    with pytest.raises(DatasetFormatError, match=f"line {len(GOOD_INTER) + 1}"):
+        check_atomic_files(config, max_rows=len(GOOD_INTER))
+
+
+# ------------------------------------------------------------------------------------- reproducibility
+
+FEWER = {"user_inter_num_interval": "[20,22)"}  # whole runs: about 100 users of ml-100k
+
+
+def test_same_seed_gives_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = (recbole_blossom.run("BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path / name, seed=7, **FEWER))
+                     for name in ("a", "b"))
+    assert first["best_valid_result"] == second["best_valid_result"]
+    assert first["test_result"] == second["test_result"]
+    weights = [safe_torch_load(r["saved_model_file"])["state_dict"] for r in (first, second)]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+# ------------------------------------------------------------------------------------------------ AMP
+
+
+def test_mixed_precision_trains_without_nan(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = BlossomConfig("BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path, enable_amp=True))
+    _, train_data, valid_data, _ = _prepare(config)
+    model = _build_model(config, train_data)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    seen = []
+    attention = model.trm_encoder.layer[0].multi_head_attention
+    attention.dense.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = trainer._train_epoch(train_data, 0)
+    assert torch.bfloat16 in seen  # RecBole's enable_amp autocasts (bf16 on the CPU)
+    assert math.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained
+    result = trainer.evaluate(valid_data, load_best_model=False)
+    assert all(math.isfinite(v) for v in result.values())
+
+
+# ---------------------------------------------------------------------------------- several processes
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path; GPUs take RecBole's NCCL path")
+def test_two_process_cpu_training_with_gloo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = recbole_blossom.run("BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path, **FEWER), nproc=2,
+                                 port=free_port())
+    assert result["model"] == "BlossomSASRec"
+    assert set(result["test_result"]) == {"recall@10", "mrr@10", "ndcg@10"}
+    assert all(math.isfinite(v) for v in result["best_valid_result"].values())
+    checkpoint = safe_torch_load(result["saved_model_file"])
+    assert checkpoint["config"]["world_size"] == 2 and checkpoint["config"]["single_spec"] is False
