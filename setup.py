@@ -25,8 +25,8 @@ setup(
         "scipy>=1.10",
         "pandas>=2.2",
         "tqdm>=4.48",
-        "colorlog>=4.7",
-        "colorama>=0.4",
+        "colorlog==4.7.2",  # RecBole 1.2.1 pins these two
+        "colorama==0.4.4",
         "scikit-learn>=1.3",
         "pyyaml>=6.0",
         "tensorboard>=2.14",
