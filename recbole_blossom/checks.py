@@ -180,3 +180,32 @@ def check_model_config(config):
 
     if config["model"] in MODELS and config["model"].startswith("Blossom"):
         BlossomHParams.from_config(config)
+
+
+def check_processes(config, nproc, world_size, group_offset):
+    """Raise ValueError naming the argument when a multi-process run cannot start as asked.
+
+    RecBole asserts without a message when ``gpu_id`` lists fewer GPUs than ``nproc``; ranks beyond
+    ``world_size`` hang in ``init_process_group``.
+    """
+    import torch
+
+    for name, value, low in (("nproc", nproc, 1), ("group_offset", group_offset, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if world_size != -1 and (isinstance(world_size, bool) or not isinstance(world_size, int)
+                             or world_size < group_offset + nproc):
+        raise ValueError(
+            f"world_size ({world_size!r}) must be -1 (= nproc) or at least group_offset + nproc "
+            f"({group_offset} + {nproc}): the processes of this machine take global ranks "
+            f"{group_offset}..{group_offset + nproc - 1}"
+        )
+    gpu_id = config["gpu_id"]
+    gpu_id = ",".join(map(str, gpu_id)) if isinstance(gpu_id, tuple) else str(gpu_id)
+    if torch.cuda.is_available() and config["use_gpu"] and gpu_id:
+        gpus = [g for g in gpu_id.split(",") if g.strip()]
+        if len(gpus) < nproc:
+            raise ValueError(
+                f"nproc={nproc} needs one GPU per process, but gpu_id lists {len(gpus)} ({gpu_id!r}); "
+                f"pass e.g. --gpu_id={','.join(map(str, range(nproc)))}"
+            )

@@ -20,6 +20,7 @@ from recbole_blossom.checks import (  # noqa: F401  (DatasetFormatError is part 
     DatasetNotFoundError,
     check_atomic_files,
     check_model_config,
+    check_processes,
 )
 from recbole_blossom.compat import safe_torch_load
 from recbole_blossom.config import BlossomConfig, get_model_class
@@ -126,8 +127,10 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
     # (RecBole's Config sets CUDA_VISIBLE_DEVICES; the spawned processes set it themselves).
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
-        check_dataset(BlossomConfig(model=model, dataset=dataset, config_file_list=config_file_list,
-                                    config_dict=config_dict))
+        config = BlossomConfig(model=model, dataset=dataset, config_file_list=config_file_list,
+                               config_dict=config_dict)
+        check_processes(config, nproc, world_size, group_offset)
+        check_dataset(config)
     finally:
         if visible is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)

@@ -12,7 +12,7 @@ from tiny_runs import tiny
 
 import recbole_blossom
 from recbole_blossom import BlossomHParams
-from recbole_blossom.checks import DatasetFormatError, DatasetNotFoundError, check_atomic_files
+from recbole_blossom.checks import DatasetFormatError, DatasetNotFoundError, check_atomic_files, check_processes
 from recbole_blossom.compat import safe_torch_load
 from recbole_blossom.config import BlossomConfig, get_model_class
 from recbole_blossom.quick_start import _build_model, _prepare, check_dataset
@@ -255,3 +255,26 @@ def test_two_process_cpu_training_with_gloo(tmp_path, monkeypatch):
     assert all(math.isfinite(v) for v in result["best_valid_result"].values())
     checkpoint = safe_torch_load(result["saved_model_file"])
     assert checkpoint["config"]["world_size"] == 2 and checkpoint["config"]["single_spec"] is False
+
+
+@pytest.mark.parametrize("nproc, world_size, group_offset, pattern", [
+    (0, -1, 0, "nproc must be an integer >= 1, got 0"),
+    (2, 1, 0, r"world_size \(1\) must be -1 \(= nproc\) or at least group_offset \+ nproc \(0 \+ 2\)"),
+    (2, 4, 3, r"world_size \(4\) .* ranks 3..4"),
+    (2, 4, -1, "group_offset must be an integer >= 0, got -1"),
+])
+def test_bad_process_layout_fails_before_spawning(tmp_path, monkeypatch, nproc, world_size, group_offset, pattern):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=pattern):
+        recbole_blossom.run("BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path), nproc=nproc,
+                            world_size=world_size, group_offset=group_offset)
+    assert os.listdir(tmp_path) == []
+
+
+def test_more_processes_than_listed_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pattern = r"nproc=2 needs one GPU per process, but gpu_id lists 1 \('0'\).*--gpu_id=0,1"
+    with pytest.raises(ValueError, match=pattern):
+        check_processes({"gpu_id": "0", "use_gpu": True}, 2, -1, 0)
+    check_processes({"gpu_id": "0,1", "use_gpu": True}, 2, -1, 0)
+    check_processes({"gpu_id": "0", "use_gpu": False}, 2, -1, 0)  # CPU processes (gloo) need no GPU
