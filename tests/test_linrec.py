@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 from tiny_runs import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -10,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import recbole_blossom
 from recbole_blossom import BlossomAttention, BlossomConfig, BlossomLinRec, LinRec, get_model_class
 from recbole_blossom.model.linrec import LinRecAttention, linrec_attention
+from recbole_blossom.quick_start import _prepare
 
 # tiny_runs' config (small Blossom blocks, so LTIS selects among several blocks) with two layers and
 # sequences long enough for the padding tests.
@@ -37,9 +37,7 @@ def naive_linrec(q, k, v, lengths):
 def data(tmp_path_factory):
     config = BlossomConfig(model="LinRec", dataset="ml-100k",
                            config_dict={**SMALL, "checkpoint_dir": str(tmp_path_factory.mktemp("saved"))})
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    return config, *data_preparation(config, dataset)
+    return config, *_prepare(config)[1:]  # the quick start's data preparation: train, valid, test
 
 
 def build(model_class, data, **overrides):
