@@ -7,7 +7,7 @@ from tiny_runs import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import recbole_blossom
-from recbole_blossom import BlossomAttention, BlossomConfig, BlossomLinRec, LinRec, get_model_class
+from recbole_blossom import BlossomAttention, BlossomConfig, BlossomHParams, BlossomLinRec, LinRec, get_model_class
 from recbole_blossom.model.linrec import LinRecAttention, linrec_attention
 from recbole_blossom.quick_start import _prepare
 
@@ -99,7 +99,10 @@ def test_models_are_registered_with_reference_defaults():
         expected = {"hidden_size": 128, "inner_size": 256, "n_layers": 2, "n_heads": 8, "hidden_dropout_prob": 0.2,
                     "attn_dropout_prob": 0.2, "loss_type": "CE", "train_batch_size": 2048, "stopping_step": 15}
         assert {k: config[k] for k in expected} == expected, name
-    assert BlossomConfig(model="BlossomLinRec", dataset="ml-100k")["n_kv_heads"] == 2
+    # the Blossom keys of BlossomLinRec's yaml stay those of BlossomSASRec's
+    blossom, sasrec = (BlossomConfig(model=m, dataset="ml-100k") for m in ("BlossomLinRec", "BlossomSASRec"))
+    keys = BlossomHParams.__dataclass_fields__
+    assert {k: blossom[k] for k in keys} == {k: sasrec[k] for k in keys} and blossom["n_kv_heads"] == 2
 
 
 def test_structure(data):
