@@ -186,7 +186,7 @@ def test_training_steps_lower_the_loss(data, model_class):
 
 def test_run_save_and_reload_linrec(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = recbole_blossom.run("LinRec", "ml-100k", config_dict={**SMALL, "checkpoint_dir": str(tmp_path)})
+    result = recbole_blossom.run("LinRec", "ml-100k", config_dict={**TINY, "checkpoint_dir": str(tmp_path)})
     assert set(result["test_result"]) == {"recall@10", "mrr@10", "ndcg@10"}
     config, model, _, _, _, test_data = recbole_blossom.load_data_and_model(result["saved_model_file"])
     assert type(model) is LinRec
