@@ -102,9 +102,13 @@ def _check_float(path, line_no, index, field, value, rule):
 
 
 def check_rows(path, columns, loaded, sep, seq_sep, encoding, max_rows=SAMPLE_ROWS):
-    """Check the first ``max_rows`` rows: the column count, and numbers in loaded float columns."""
+    """Check the first ``max_rows`` rows: the column count, and numbers in loaded float columns.
+
+    Returns the number of non-empty rows checked.
+    """
     checks = [(i, field, ftype) for i, (field, ftype) in enumerate(columns, start=1)
               if _is_loaded(field, loaded) and ftype in ("float", "float_seq")]
+    rows = 0
     try:
         with open(path, encoding=encoding) as f:
             f.readline()
@@ -114,6 +118,7 @@ def check_rows(path, columns, loaded, sep, seq_sep, encoding, max_rows=SAMPLE_RO
                 line = line.rstrip("\r\n")
                 if not line:
                     continue
+                rows += 1
                 cells = line.split(sep)
                 if len(cells) != len(columns):
                     raise DatasetFormatError(
@@ -132,6 +137,7 @@ def check_rows(path, columns, loaded, sep, seq_sep, encoding, max_rows=SAMPLE_RO
                             _check_float(path, line_no, index, field, item, rule)
     except UnicodeDecodeError as err:
         raise DatasetFormatError(f"{path}: not valid {encoding} (config key encoding): {err}") from None
+    return rows
 
 
 def required_inter_fields(config):
@@ -170,7 +176,9 @@ def check_atomic_files(config, max_rows=SAMPLE_ROWS):
                 if not _is_loaded(field, loaded):
                     raise DatasetFormatError(
                         f"{path}: column '{field}' ({key}{why}) is needed, but load_col/unload_col leaves it out")
-        check_rows(path, columns, loaded, sep, seq_sep, encoding, max_rows)
+        rows = check_rows(path, columns, loaded, sep, seq_sep, encoding, max_rows)
+        if rows == 0 and source.startswith("inter"):
+            raise DatasetFormatError(f"{path}: the header is followed by no interactions")
 
 
 def check_model_config(config):

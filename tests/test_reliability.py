@@ -143,6 +143,7 @@ def replaced(line_no, text, lines=GOOD_INTER):
     (GOOD_INTER, {"USER_ID_FIELD": "session"}, r"no column 'session' \(USER_ID_FIELD\)"),
     (GOOD_INTER, {"load_col": {"inter": ["user_id", "item_id"]}},
      r"column 'timestamp' \(TIME_FIELD.*load_col/unload_col leaves it out"),
+    (GOOD_INTER[:1], {}, r"toy\.inter: the header is followed by no interactions"),
     (replaced(4, "1\t3\t5"), {}, r"toy\.inter: line 4 has 3 columns, but the header has 4 "
                                  r"\(user_id, item_id, rating, timestamp\)"),
     (replaced(6, "1\t5\t5\t1000\textra"), {}, r"toy\.inter: line 6 has 5 columns, but the header has 4"),
