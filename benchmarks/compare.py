@@ -177,6 +177,9 @@ def load_result(path, settings):
     with open(path, encoding="utf-8") as f:
         stored = json.load(f)
     before = stored.get("settings", {})
+    if stored.get("row", {}).get("stopped_by") != "time budget":  # a cap that never bound decides nothing
+        before = {k: v for k, v in before.items() if k != "max_train_minutes"}
+        settings = {k: v for k, v in settings.items() if k != "max_train_minutes"}
     if before != settings:
         changed = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now"
                             for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k))
