@@ -191,5 +191,5 @@ def test_run_save_and_reload_linrec(tmp_path, monkeypatch):
     config, model, _, _, _, test_data = recbole_blossom.load_data_and_model(result["saved_model_file"])
     assert type(model) is LinRec
     model.eval()
-    scores = model.full_sort_predict(next(iter(test_data))[0])
+    scores = model.full_sort_predict(next(iter(test_data))[0].to(config["device"]))
     assert scores.shape[1] == model.n_items and torch.isfinite(scores).all()

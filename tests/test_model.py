@@ -131,19 +131,20 @@ def test_training_steps_lower_the_loss(data):
 
 def test_fit_save_and_load_give_identical_predictions(data):
     config, _, train_data, valid_data, test_data = data
-    model = make_model(config, train_data)
+    device = config["device"]  # the GPU where there is one
+    model = make_model(config, train_data).to(device)
     trainer = Trainer(config, model)
     trainer.fit(train_data, valid_data, saved=True, show_progress=False)
     result = trainer.evaluate(test_data, load_best_model=True)  # goes through the safe torch.load
     assert 0.0 <= result["ndcg@10"] <= 1.0
-    batch = next(iter(test_data))[0]
+    batch = next(iter(test_data))[0].to(device)
     model.eval()
     with torch.no_grad():
         expected = model.full_sort_predict(batch)
-    _, loaded, *_ , loaded_test = recbole_blossom.load_data_and_model(trainer.saved_model_file)
+    _, loaded, *_, loaded_test = recbole_blossom.load_data_and_model(trainer.saved_model_file)
     loaded.eval()
     with torch.no_grad():
-        got = loaded.full_sort_predict(next(iter(loaded_test))[0])
+        got = loaded.full_sort_predict(next(iter(loaded_test))[0].to(device))
     assert type(loaded) is BlossomSASRec
     assert torch.equal(expected, got)
 
