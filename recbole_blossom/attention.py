@@ -32,6 +32,7 @@ class BlossomHParams:
     attn_dropout_prob: float = 0.2
     layer_norm_eps: float = 1e-12
     blossom_impl: str = "auto"
+    ltis_trainable_compression: bool = False
 
     @classmethod
     def from_config(cls, config):
@@ -67,6 +68,9 @@ class BlossomHParams:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+        if not isinstance(self.ltis_trainable_compression, bool):
+            raise ValueError(
+                f"ltis_trainable_compression must be true or false, got {self.ltis_trainable_compression!r}")
         if not isinstance(self.stis_sink, bool):
             raise ValueError(f"stis_sink must be true or false, got {self.stis_sink!r}")
         if self.blossom_impl not in IMPLS:
@@ -120,7 +124,7 @@ class BlossomAttention(nn.Module):
         self.value = nn.Linear(hp.hidden_size, Hkv * D)
         self.rotary = RotaryEmbedding(D, hp.rope_base)
         self.ltis = LTIS(D, Hkv, hp.cmp_block_len, hp.cmp_stride, hp.slc_block_size, hp.n_slc_blocks,
-                         hp.attn_dropout_prob, hp.ltis_chunk_size, hp.blossom_impl)
+                         hp.attn_dropout_prob, hp.ltis_chunk_size, hp.blossom_impl, hp.ltis_trainable_compression)
         self.stis = STIS(hp.stis_window, hp.stis_sink, hp.attn_dropout_prob, hp.blossom_impl)
         self.gate = BranchGate(hp.hidden_size, H, hp.gate_bias_ltis, hp.gate_bias_stis)
         self.dense = nn.Linear(H * D, hp.hidden_size)

@@ -102,6 +102,31 @@ def causal_attention(q, k, v, lengths=None, dropout_p=0.0, training=False, scale
     return out
 
 
+def compressed_attention(q, k_cmp, v_cmp, mem_key, mem_value, block_len, stride, lengths=None, scale=None):
+    """Attention of each query over the compressed blocks wholly in its past plus the memory slot.
+
+    Only used by the trainable-compression variant (it is what gives the compression MLPs a gradient).
+    q: ``(B, H, L, D)``; k_cmp, v_cmp: ``(B, Hkv, Nc, D)``; mem_key, mem_value: ``(Hkv, D)``.
+    Returns ``(B, H, L, D)``; costs ``O(L * Nc)`` memory under autograd.
+    """
+    B, H, L, D = q.shape
+    Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    keys = torch.cat((mem_key.to(k_cmp.dtype)[None, :, None].expand(B, Hkv, 1, D), k_cmp), dim=2)
+    values = torch.cat((mem_value.to(v_cmp.dtype)[None, :, None].expand(B, Hkv, 1, D), v_cmp), dim=2)
+    cmp_end = torch.arange(n_cmp, device=q.device) * stride + block_len - 1
+    t = torch.arange(L, device=q.device)
+    visible = torch.cat((torch.ones(L, 1, dtype=torch.bool, device=q.device), cmp_end[None, :] <= t[:, None]), 1)
+    qg = q.view(B, Hkv, G, L, D)
+    scores = torch.einsum("bhgld,bhnd->bhgln", qg, keys) * scale
+    probs = scores.masked_fill(~visible, float("-inf")).float().softmax(dim=-1).to(q.dtype)
+    out = torch.einsum("bhgln,bhnd->bhgld", probs, values).reshape(B, H, L, D)
+    if lengths is not None:
+        out = out * (t[None, :] < lengths[:, None])[:, None, :, None].to(out.dtype)
+    return out
+
+
 def selected_token_mask(blocks, valid, length, select_size):
     """Dense form of a selection: ``(B, Hkv, L, L)`` bool, key ``s`` allowed for query ``t``."""
     B, Hkv, L, S = blocks.shape
@@ -180,38 +205,62 @@ class BlockCompressor(nn.Module):
 
 
 class LTIS(nn.Module):
-    """Long-term interest selection branch: block compression, top-n block selection, sparse attention."""
+    """Long-term interest selection branch: block compression, top-n block selection, sparse attention.
+
+    ``trainable_compression=False`` (default, the authors' behaviour): the compressed keys only pick blocks
+    and the compression parameters are frozen. ``True`` (a variant, not in the paper): values are
+    compressed too and the output adds :func:`compressed_attention` over the compressed blocks, which
+    trains the compression MLPs and the memory slot; selection still uses the (detached) compressed keys.
+    """
 
     def __init__(self, head_dim, n_kv_heads, block_len=32, stride=16, select_size=16, n_select=4,
-                 dropout_p=0.0, chunk_size=1024, impl="auto"):
+                 dropout_p=0.0, chunk_size=1024, impl="auto", trainable_compression=False):
         super().__init__()
         self.block_len, self.stride, self.select_size, self.n_select = block_len, stride, select_size, n_select
         self.dropout_p, self.chunk_size, self.impl = dropout_p, chunk_size, impl
+        self.trainable_compression = trainable_compression
         self.compressor = BlockCompressor(head_dim, block_len, stride)
         self.memory_key = nn.Parameter(torch.zeros(n_kv_heads, head_dim))
+        if trainable_compression:
+            self.value_compressor = BlockCompressor(head_dim, block_len, stride)
+            self.memory_value = nn.Parameter(torch.zeros(n_kv_heads, head_dim))
         self.reset_parameters()
-        for p in self.parameters():  # scores only pick blocks: nothing here gets a gradient
-            p.requires_grad_(False)
+        if not trainable_compression:
+            for p in self.parameters():  # scores only pick blocks: nothing here gets a gradient
+                p.requires_grad_(False)
 
     def reset_parameters(self, std=0.02):
         nn.init.normal_(self.compressor.intra_block_pos, std=std)
         nn.init.normal_(self.memory_key, std=std)
+        if self.trainable_compression:
+            nn.init.normal_(self.value_compressor.intra_block_pos, std=std)
+            nn.init.normal_(self.memory_value, std=std)
+
+    def _compressed_branch(self, q_score, k_score, v, lengths):
+        k_cmp = self.compressor(k_score)
+        out = compressed_attention(q_score, k_cmp, self.value_compressor(v), self.memory_key, self.memory_value,
+                                   self.block_len, self.stride, lengths)
+        return k_cmp.detach(), out
 
     def forward(self, q, k, v, lengths=None, q_score=None, k_score=None):
         """``q`` ``(B, H, L, D)``, ``k, v`` ``(B, Hkv, L, D)``; blocks are scored with ``q_score, k_score``
         (default ``q, k``). Returns ``(B, H, L, D)``."""
-        if -(-q.shape[2] // self.select_size) - 1 <= self.n_select:
-            # every query selects all of its past blocks whatever the scores: LTIS is causal attention
-            return causal_attention(q, k, v, lengths, self.dropout_p, self.training)
         q_score = q if q_score is None else q_score
         k_score = k if k_score is None else k_score
-        with torch.no_grad():
-            k_cmp = self.compressor(k_score.detach())
+        cmp_out = 0.0
+        if self.trainable_compression:
+            k_cmp, cmp_out = self._compressed_branch(q_score, k_score, v, lengths)
+        if -(-q.shape[2] // self.select_size) - 1 <= self.n_select:
+            # every query selects all of its past blocks whatever the scores: LTIS is causal attention
+            return causal_attention(q, k, v, lengths, self.dropout_p, self.training) + cmp_out
+        if not self.trainable_compression:
+            with torch.no_grad():
+                k_cmp = self.compressor(k_score.detach())
         blocks, valid = select_blocks(q_score.detach(), k_cmp, self.memory_key, self.block_len, self.stride,
                                       self.select_size, self.n_select, self.chunk_size)
         attend = fast_selected_block_attention if use_fast(self.impl, q) else selected_block_attention
-        return attend(q, k, v, blocks, valid, self.select_size, lengths, self.dropout_p, self.training)
+        return attend(q, k, v, blocks, valid, self.select_size, lengths, self.dropout_p, self.training) + cmp_out
 
     def extra_repr(self):
         return (f"block_len={self.block_len}, stride={self.stride}, select_size={self.select_size}, "
-                f"n_select={self.n_select}, impl={self.impl}")
+                f"n_select={self.n_select}, impl={self.impl}, trainable_compression={self.trainable_compression}")

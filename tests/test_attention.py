@@ -236,3 +236,41 @@ def test_autocast_runs_and_stays_close(dtype):
         out = attn(x)
     assert torch.isfinite(out).all()
     assert rel_err(out.float(), ref) < 5e-2
+
+
+def naive_compressed_attention(q, k, v, ltis: LTIS):
+    """Each query over the memory slot and the compressed blocks that end at or before it."""
+    B, H, L, D = q.shape
+    G = H // k.shape[1]
+    l, d = ltis.block_len, ltis.stride
+    starts = list(range(0, L - l + 1, d)) if L >= l else []
+    comp = lambda c, x, s: c.mlp((x[:, :, s:s + l] + c.intra_block_pos).flatten(-2))  # noqa: E731
+    out = torch.zeros_like(q)
+    for t in range(L):
+        vis = [s for s in starts if s + l - 1 <= t]
+        keys = torch.stack([ltis.memory_key.expand(B, -1, -1)] + [comp(ltis.compressor, k, s) for s in vis], 2)
+        vals = torch.stack([ltis.memory_value.expand(B, -1, -1)] + [comp(ltis.value_compressor, v, s) for s in vis], 2)
+        keys, vals = keys.repeat_interleave(G, 1), vals.repeat_interleave(G, 1)
+        p = ((q[:, :, t, None, :] * keys).sum(-1) / math.sqrt(D)).softmax(-1)
+        out[:, :, t] = (p[..., None] * vals).sum(2)
+    return out
+
+
+@pytest.mark.parametrize("L", [40, 130])
+def test_trainable_compression_variant(L):
+    torch.manual_seed(0)
+    ltis = LTIS(head_dim=8, n_kv_heads=2, trainable_compression=True)
+    q, k, v = qkv(2, 4, 2, L, 8, seed=3)
+    q.requires_grad_(True)
+    out = ltis(q, k, v)
+    ref = dense_attention(q, k, v, naive_ltis_mask(q, k, ltis)) + naive_compressed_attention(q, k, v, ltis)
+    assert rel_err(out, ref) < 1e-5
+    out.pow(2).sum().backward()
+    for name, p in ltis.named_parameters():  # now every compression parameter trains
+        assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_trainable_compression_is_off_by_default_and_validated():
+    assert BlossomHParams().ltis_trainable_compression is False
+    with pytest.raises(ValueError, match="ltis_trainable_compression"):
+        BlossomHParams(ltis_trainable_compression="yes").validate()
