@@ -12,7 +12,8 @@
 
 Scoring only picks blocks, so (as in the authors' code) no gradient reaches the compression MLP or the
 memory key: :func:`select_blocks` runs without autograd, in query chunks so that its ``L x L / stride``
-scores never exist at once.
+scores never exist at once. The opt-in variant ``trainable_compression`` (see :class:`LTIS`) adds
+:func:`compressed_attention` to the output so that they train.
 """
 
 import math
