@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_blossom.fast import fast_selected_block_attention, use_fast
+from recbole_blossom.stis import zero_padding_rows
 
 
 def num_compressed_blocks(length, block_len, stride):
@@ -35,6 +36,20 @@ def overlap_matrix(n_cmp, n_slc, block_len, stride, select_size, device=None):
     start = torch.arange(n_cmp, device=device) * stride
     slc = torch.arange(n_slc, device=device) * select_size
     return ((start[:, None] < slc[None, :] + select_size) & (slc[None, :] < start[:, None] + block_len)).float()
+
+
+def with_memory_slot(memory, x):
+    """Prepend the learned memory slot ``(Hkv, D)`` to compressed keys or values ``(B, Hkv, Nc, D)``."""
+    B, Hkv, _, D = x.shape
+    return torch.cat((memory.to(x.dtype)[None, :, None, :].expand(B, Hkv, 1, D), x), dim=2)
+
+
+def compressed_visibility(t, n_cmp, block_len, stride):
+    """``(len(t), 1 + Nc)`` bool: for queries at positions ``t``, the memory slot (always) and each
+    compressed block that ends at or before the query."""
+    cmp_end = torch.arange(n_cmp, device=t.device) * stride + block_len - 1  # last key of each block
+    memory = torch.ones(len(t), 1, dtype=torch.bool, device=t.device)
+    return torch.cat((memory, cmp_end[None, :] <= t[:, None]), dim=1)
 
 
 def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None):
@@ -53,18 +68,16 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
     n_slc = -(-L // select_size)
     own = torch.arange(L, device=q.device) // select_size  # (L,)
     overlap = overlap_matrix(n_cmp, n_slc, block_len, stride, select_size, q.device)
-    cmp_end = torch.arange(n_cmp, device=q.device) * stride + block_len - 1  # last key of each block
     n_top = min(n_select, n_slc)
     blocks = torch.empty(B, Hkv, L, n_top, dtype=torch.long, device=q.device)
     valid = torch.empty(B, Hkv, L, n_top, dtype=torch.bool, device=q.device)
     with torch.no_grad():
-        kc = torch.cat((mem_key.to(k_cmp.dtype)[None, :, None, :].expand(B, Hkv, 1, D), k_cmp), dim=2).float()
+        kc = with_memory_slot(mem_key, k_cmp).float()
         for s in range(0, L, chunk_size):
             e = min(L, s + chunk_size)
             qc = q[:, :, s:e].float().view(B, Hkv, G, e - s, D)
             scores = torch.einsum("bhgld,bhnd->bhgln", qc, kc) * scale  # (B, Hkv, G, C, 1 + Nc)
-            t = torch.arange(s, e, device=q.device)
-            visible = torch.cat((torch.ones(e - s, 1, dtype=torch.bool, device=q.device), cmp_end[None, :] <= t[:, None]), 1)
+            visible = compressed_visibility(torch.arange(s, e, device=q.device), n_cmp, block_len, stride)
             probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)[..., 1:].mean(dim=2)
             slc_scores = probs @ overlap  # (B, Hkv, C, n_slc)
             candidate = torch.arange(n_slc, device=q.device)[None, :] < own[s:e, None]  # strictly past blocks
@@ -97,10 +110,7 @@ def causal_attention(q, k, v, lengths=None, dropout_p=0.0, training=False, scale
     G = q.shape[1] // k.shape[1]
     out = F.scaled_dot_product_attention(q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1),
                                          dropout_p=dropout_p if training else 0.0, is_causal=True, scale=scale)
-    if lengths is not None:
-        keep = torch.arange(q.shape[2], device=q.device)[None, :] < lengths[:, None]
-        out = out * keep[:, None, :, None].to(out.dtype)
-    return out
+    return zero_padding_rows(out, lengths)
 
 
 def compressed_attention(q, k_cmp, v_cmp, mem_key, mem_value, block_len, stride, lengths=None, scale=None):
@@ -114,18 +124,13 @@ def compressed_attention(q, k_cmp, v_cmp, mem_key, mem_value, block_len, stride,
     Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     G = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    keys = torch.cat((mem_key.to(k_cmp.dtype)[None, :, None].expand(B, Hkv, 1, D), k_cmp), dim=2)
-    values = torch.cat((mem_value.to(v_cmp.dtype)[None, :, None].expand(B, Hkv, 1, D), v_cmp), dim=2)
-    cmp_end = torch.arange(n_cmp, device=q.device) * stride + block_len - 1
-    t = torch.arange(L, device=q.device)
-    visible = torch.cat((torch.ones(L, 1, dtype=torch.bool, device=q.device), cmp_end[None, :] <= t[:, None]), 1)
+    keys, values = with_memory_slot(mem_key, k_cmp), with_memory_slot(mem_value, v_cmp)
+    visible = compressed_visibility(torch.arange(L, device=q.device), n_cmp, block_len, stride)
     qg = q.view(B, Hkv, G, L, D)
     scores = torch.einsum("bhgld,bhnd->bhgln", qg, keys) * scale
     probs = scores.masked_fill(~visible, float("-inf")).float().softmax(dim=-1).to(q.dtype)
     out = torch.einsum("bhgln,bhnd->bhgld", probs, values).reshape(B, H, L, D)
-    if lengths is not None:
-        out = out * (t[None, :] < lengths[:, None])[:, None, :, None].to(out.dtype)
-    return out
+    return zero_padding_rows(out, lengths)
 
 
 def selected_token_mask(blocks, valid, length, select_size):
@@ -178,10 +183,7 @@ def selected_block_attention(q, k, v, blocks, valid, select_size, lengths=None, 
         if p > 0.0:
             probs = F.dropout(probs, p=p)
         out = (probs @ v_sel).transpose(2, 3).reshape(B, H, L, D)
-    if lengths is not None:
-        keep = torch.arange(L, device=q.device)[None, :] < lengths[:, None]
-        out = out * keep[:, None, :, None].to(out.dtype)
-    return out
+    return zero_padding_rows(out, lengths)
 
 
 class BlockCompressor(nn.Module):
@@ -237,30 +239,30 @@ class LTIS(nn.Module):
             nn.init.normal_(self.value_compressor.intra_block_pos, std=std)
             nn.init.normal_(self.memory_value, std=std)
 
-    def _compressed_branch(self, q_score, k_score, v, lengths):
-        k_cmp = self.compressor(k_score)
-        out = compressed_attention(q_score, k_cmp, self.value_compressor(v), self.memory_key, self.memory_value,
-                                   self.block_len, self.stride, lengths)
-        return k_cmp.detach(), out
-
     def forward(self, q, k, v, lengths=None, q_score=None, k_score=None):
         """``q`` ``(B, H, L, D)``, ``k, v`` ``(B, Hkv, L, D)``; blocks are scored with ``q_score, k_score``
         (default ``q, k``). Returns ``(B, H, L, D)``."""
         q_score = q if q_score is None else q_score
         k_score = k if k_score is None else k_score
-        cmp_out = 0.0
-        if self.trainable_compression:
-            k_cmp, cmp_out = self._compressed_branch(q_score, k_score, v, lengths)
+        if not self.trainable_compression:
+            return self._select_and_attend(q, k, v, lengths, q_score, k_score)
+        k_cmp = self.compressor(k_score)
+        cmp_out = compressed_attention(q_score, k_cmp, self.value_compressor(v), self.memory_key, self.memory_value,
+                                       self.block_len, self.stride, lengths)
+        return self._select_and_attend(q, k, v, lengths, q_score, k_score, k_cmp.detach()) + cmp_out
+
+    def _select_and_attend(self, q, k, v, lengths, q_score, k_score, k_cmp=None):
+        """Block selection and attention over the selected tokens; ``k_cmp`` is computed (frozen) if None."""
         if -(-q.shape[2] // self.select_size) - 1 <= self.n_select:
             # every query selects all of its past blocks whatever the scores: LTIS is causal attention
-            return causal_attention(q, k, v, lengths, self.dropout_p, self.training) + cmp_out
-        if not self.trainable_compression:
+            return causal_attention(q, k, v, lengths, self.dropout_p, self.training)
+        if k_cmp is None:
             with torch.no_grad():
                 k_cmp = self.compressor(k_score.detach())
         blocks, valid = select_blocks(q_score.detach(), k_cmp, self.memory_key, self.block_len, self.stride,
                                       self.select_size, self.n_select, self.chunk_size)
         attend = fast_selected_block_attention if use_fast(self.impl, q) else selected_block_attention
-        return attend(q, k, v, blocks, valid, self.select_size, lengths, self.dropout_p, self.training) + cmp_out
+        return attend(q, k, v, blocks, valid, self.select_size, lengths, self.dropout_p, self.training)
 
     def extra_repr(self):
         return (f"block_len={self.block_len}, stride={self.stride}, select_size={self.select_size}, "

@@ -39,6 +39,14 @@ def stis_key_index(length, window, sink=True, device=None):
     return index.clamp_min(0), valid
 
 
+def zero_padding_rows(out, lengths):
+    """Zero the rows of ``out`` ``(B, H, L, D)`` at positions ``>= lengths`` ``(B,)``; no-op for None."""
+    if lengths is None:
+        return out
+    keep = torch.arange(out.shape[2], device=out.device)[None, :] < lengths[:, None]
+    return out * keep[:, None, :, None].to(out.dtype)
+
+
 def stis_attention(q, k, v, lengths=None, window=8, sink=True, dropout_p=0.0, training=False, scale=None):
     """Short-term sparse causal attention.
 
@@ -61,10 +69,7 @@ def stis_attention(q, k, v, lengths=None, window=8, sink=True, dropout_p=0.0, tr
     if dropout_p > 0.0 and training:
         probs = F.dropout(probs, p=dropout_p)
     out = (probs @ v_sel).transpose(2, 3).reshape(B, H, L, D)
-    if lengths is not None:
-        keep = torch.arange(L, device=q.device)[None, :] < lengths[:, None]
-        out = out * keep[:, None, :, None].to(out.dtype)
-    return out
+    return zero_padding_rows(out, lengths)
 
 
 class STIS(nn.Module):
