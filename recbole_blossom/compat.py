@@ -17,6 +17,8 @@ test in ``tests/test_compat.py``:
   never switched off. The trainer saves with pickle protocol 2 instead of RecBole's 4, whose opcodes
   (FRAME, STACK_GLOBAL, ...) torch's safe unpickler refuses; protocol-4 files of stock RecBole are
   re-encoded in memory, then loaded the same safe way.
+* ``concurrent_ensure_dir``: the processes of a multi-process run race to create the same folders with
+  RecBole's check-then-create ``ensure_dir``; the loser died with ``FileExistsError``.
 * ``no_global_anomaly_mode``: importing RecBole's sequential models (``sine.py``) switches on autograd
   anomaly detection for the whole process, which makes every backward pass check for NaN (about 2x
   slower training). The user's own setting is restored.
@@ -31,6 +33,7 @@ Ray is not needed: the plugin never imports ``recbole.quick_start`` (which impor
 
 import functools
 import inspect
+import os
 import types
 
 import numpy as np
@@ -164,8 +167,6 @@ class _TorchWithSafeLoad(types.ModuleType):
 
 def _expecting_own_model(method):
     """Wrap a trainer method so that checkpoints it loads must be of the trainer's model."""
-    import functools
-
     from recbole_blossom.checkpoint import expecting_model
 
     @functools.wraps(method)
@@ -246,6 +247,25 @@ def hyper_tuning_numpy2():
     hyper_tuning_module.np = _NumpyForHyperTuning()
 
 
+def _ensure_dir(dir_path):
+    """RecBole's ``ensure_dir`` without its check-then-create race (``makedirs(exist_ok=True)``)."""
+    os.makedirs(dir_path, exist_ok=True)
+
+
+def concurrent_ensure_dir():
+    """Several processes of one run (``--nproc``) create the same checkpoint and log folders at once;
+    RecBole's ``ensure_dir`` checks, then creates, so the slower process dies with ``FileExistsError``.
+    Every RecBole module that imported it gets the race-free version."""
+    import sys
+
+    import recbole.utils.utils as utils_module
+
+    original = utils_module.ensure_dir
+    for name, module in list(sys.modules.items()):
+        if name.startswith("recbole.") and getattr(module, "ensure_dir", None) is original:
+            module.ensure_dir = _ensure_dir
+
+
 def apply():
     """Apply every shim once (idempotent)."""
     global _APPLIED
@@ -256,5 +276,6 @@ def apply():
     pandas_seq_fillna()
     safe_checkpoints()
     cpu_distributed()
+    concurrent_ensure_dir()
     hyper_tuning_numpy2()
     _APPLIED = True

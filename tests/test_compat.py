@@ -77,3 +77,18 @@ def test_trainer_loads_checkpoints_weights_only(tmp_path):
     torch.save({"evil": NotAllowed()}, tmp_path / "evil.pth")  # a class outside the allow-list
     with pytest.raises(Exception, match="print"):
         trainer_module.torch.load(tmp_path / "evil.pth")
+
+
+def test_ensure_dir_survives_another_process_creating_the_folder_first(tmp_path, monkeypatch):
+    import os
+
+    import recbole.data.utils as data_utils
+    import recbole.trainer.trainer as trainer_module
+    import recbole.utils.logger as logger_module
+
+    folder = tmp_path / "saved"
+    folder.mkdir()  # the other process won the race
+    monkeypatch.setattr(os.path, "exists", lambda path: False)  # ...after this process had checked
+    for module in (trainer_module, logger_module, data_utils):
+        module.ensure_dir(str(folder))  # RecBole's own raised FileExistsError here
+    assert folder.is_dir()
