@@ -12,7 +12,7 @@ from recbole_blossom.attention import BlossomAttention, BlossomHParams  # noqa: 
 from recbole_blossom.checkpoint import CheckpointError  # noqa: E402
 from recbole_blossom.checks import DatasetFormatError  # noqa: E402
 from recbole_blossom.config import BlossomConfig, available_models, get_model_class  # noqa: E402
-from recbole_blossom.model import MODELS, BlossomLinRec, BlossomSASRec, LinRec  # noqa: E402
+from recbole_blossom.model import MODELS, BlossomLinRec, BlossomSASRec, LinRec, SASRecSDPA  # noqa: E402
 from recbole_blossom.quick_start import (  # noqa: E402
     DatasetNotFoundError,
     load_data_and_model,
@@ -24,6 +24,6 @@ from recbole_blossom.quick_start import (  # noqa: E402
 __version__ = "0.1.0"
 __all__ = [
     "BlossomAttention", "BlossomHParams", "BlossomConfig", "BlossomSASRec", "MODELS", "DatasetNotFoundError",
-    "BlossomLinRec", "LinRec", "CheckpointError", "DatasetFormatError",
+    "BlossomLinRec", "LinRec", "SASRecSDPA", "CheckpointError", "DatasetFormatError",
     "available_models", "get_model_class", "load_data_and_model", "objective_function", "run", "run_recbole",
 ]

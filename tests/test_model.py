@@ -3,6 +3,7 @@
 import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
+from recbole.model.sequential_recommender import SASRec
 from recbole.trainer import Trainer
 from recbole.utils import init_seed
 
@@ -69,7 +70,7 @@ def test_builtin_models_resolve_with_their_own_defaults():
 def test_model_is_sasrec_with_blossom_attention(data):
     config, _, train_data, _, _ = data
     model = make_model(config, train_data)
-    assert isinstance(model, recbole_blossom.model.blossom_sasrec.SASRec)
+    assert isinstance(model, SASRec)
     assert not hasattr(model, "position_embedding")
     assert all(isinstance(layer.multi_head_attention, recbole_blossom.BlossomAttention)
                for layer in model.trm_encoder.layer)

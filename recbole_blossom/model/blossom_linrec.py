@@ -1,27 +1,20 @@
-"""BlossomLinRec: LinRec with its attention layers replaced by BlossomRec's attention."""
+"""BlossomLinRec: LinRec's normalised linear attention inside BlossomRec's sparse patterns."""
 
-from recbole_blossom.attention import BlossomAttention, BlossomHParams
-from recbole_blossom.model.linrec import LinRec
+from recbole_blossom.attention import BlossomHParams
+from recbole_blossom.linear_attention import BlossomLinRecAttention
+from recbole_blossom.model.base import AttentionSASRec
 
 
-class BlossomLinRec(LinRec):
-    r"""LinRec's model (SASRec layout, learned absolute position embedding) with Blossom attention layers.
+class BlossomLinRec(AttentionSASRec):
+    r"""LinRec's model (SASRec layout, learned absolute position embedding) with BlossomLinRec attention.
 
-    The BlossomRec paper reports BlossomRec integrated into LinRec without a construction that can be
-    rebuilt from its text, so this is the issue's fallback: LinRec's model whose linear attention layers are
-    replaced by Blossom attention (LTIS + STIS + gate, RoPE, grouped kv heads). Unlike ``BlossomSASRec`` it
-    keeps LinRec's absolute position embedding next to RoPE; see ``docs/models.md``. The attention is causal
-    over left-aligned items, so the encoder gets the sequence lengths and no ``L x L`` mask is built.
+    Each query sums LinRec's weights ``elu_n(q) . elu_n(k) / sqrt(d)`` (no softmax) over Blossom's sparse key
+    sets, LTIS (selected blocks + own block) and STIS, gated per head, with RoPE and grouped kv heads: see
+    :class:`recbole_blossom.linear_attention.BlossomLinRecAttention` and ``docs/models.md``. Causal, so it can
+    train on every position.
     """
 
-    def __init__(self, config, dataset):
-        super().__init__(config, dataset)
-        self.blossom = BlossomHParams.from_config(config)
-        for layer in self.trm_encoder.layer:
-            attention = BlossomAttention(self.blossom)
-            attention.apply(self._init_weights)
-            attention.reset_parameters(self.initializer_range)
-            layer.multi_head_attention = attention
+    supports_every_position = True
 
-    def attention_input(self, item_seq, item_seq_len):
-        return item_seq_len
+    def build_attention(self, config):
+        return BlossomLinRecAttention(BlossomHParams.from_config(config))

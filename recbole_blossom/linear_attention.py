@@ -1,0 +1,257 @@
+"""LinRec's attention (Liu et al., SIGIR 2023) as its authors' public code computes it, and BlossomLinRec's.
+
+Per head, with ``phi = elu`` and each query and each key L2-normalised over the feature dimension,
+
+    LinRec(Q, K, V) = phi_n(Q) @ (phi_n(K)^T @ V) / sqrt(d),        phi_n(x) = phi(x) / ||phi(x)||_2
+
+computed keys-times-values first, so no ``L x L`` tensor exists. Three forms live here:
+
+* :func:`linrec_attention`: the published, bidirectional form (every query sees every real item). Unlike the
+  public code, padded keys are zeroed before ``K^T V``, so padding never reaches the output.
+* :func:`causal_linrec_attention`: query ``t`` sees keys ``<= t`` (prefix sums of ``k_s^T v_s``, in chunks);
+  LinRec with ``linrec_causal: True``, which can train on every position.
+* :class:`BlossomLinRecAttention`: the same weight ``phi_n(q_t) . phi_n(k_s) / sqrt(d)`` (no softmax) summed
+  over Blossom's sparse key sets: LTIS (the selected blocks plus the query's own block, causal) and STIS
+  (recent window, power-of-two offsets, sink), gated per head, with RoPE and grouped kv heads.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole_blossom.attention import BranchGate
+from recbole_blossom.ltis import BlockCompressor, select_blocks
+from recbole_blossom.rotary import RotaryEmbedding
+from recbole_blossom.stis import stis_key_index
+
+
+def check_heads(hidden_size, n_heads):
+    """Raise ``ValueError`` naming the keys unless ``n_heads`` is a positive integer dividing ``hidden_size``."""
+    for key, value in (("hidden_size", hidden_size), ("n_heads", n_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if hidden_size % n_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
+
+
+def normalized_features(x, eps=1e-6):
+    """LinRec's feature map as published: ``elu(x)``, then L2-normalised over the last (feature) dimension."""
+    return F.normalize(F.elu(x), p=2.0, dim=-1, eps=eps)
+
+
+def real_positions(lengths, length, device):
+    """``(B, L)`` bool, True at positions ``< lengths`` (items are left-aligned)."""
+    return torch.arange(length, device=device)[None, :] < lengths[:, None]
+
+
+def linrec_attention(q, k, v, lengths=None, key_dropout=None, eps=1e-6):
+    """Published LinRec attention, bidirectional. ``q, k, v``: ``(B, H, L, D)``; lengths: ``(B,)`` or None.
+
+    Padded keys (positions ``>= lengths``) are zeroed before ``K^T V``. Returns ``(B, H, L, D)``.
+    """
+    q, k = normalized_features(q, eps), normalized_features(k, eps)
+    if lengths is not None:
+        k = k * real_positions(lengths, k.shape[2], k.device)[:, None, :, None].to(k.dtype)
+    if key_dropout is not None:
+        k = key_dropout(k)
+    kv = k.transpose(-1, -2) @ v  # (B, H, D, D): the only sequence reduction
+    return (q @ kv) / math.sqrt(q.shape[-1])
+
+
+def causal_linrec_attention(q, k, v, key_dropout=None, eps=1e-6, chunk_size=64):
+    """LinRec attention where query ``t`` sees keys ``s <= t``. ``q, k, v``: ``(B, H, L, D)`` -> ``(B, H, L, D)``.
+
+    Chunks of ``chunk_size`` positions: within a chunk the ``C x C`` weights are masked causally; earlier
+    chunks enter through the running sum of ``k_s^T v_s`` (``D x D`` per chunk). Memory ``O(L (C + D^2 / C))``.
+    Items are left-aligned, so padded keys come after every real query and need no mask.
+    """
+    q, k = normalized_features(q, eps), normalized_features(k, eps)
+    if key_dropout is not None:
+        k = key_dropout(k)
+    B, H, L, D = q.shape
+    n = -(-L // chunk_size)
+    pad = n * chunk_size - L
+    qc, kc, vc = (F.pad(x, (0, 0, 0, pad)).view(B, H, n, chunk_size, x.shape[-1]) for x in (q, k, v))
+    kv = kc.transpose(-1, -2) @ vc  # (B, H, n, D, Dv)
+    before = kv.cumsum(dim=2) - kv  # sum over the chunks strictly before each chunk
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    within = ((qc @ kc.transpose(-1, -2)) * causal) @ vc
+    out = (qc @ before + within).view(B, H, n * chunk_size, -1)[:, :, :L]
+    return out / math.sqrt(D)
+
+
+class LinRecAttention(nn.Module):
+    """LinRec's attention layer: ``forward(input_tensor (B, L, hidden), item_seq_len (B,)) -> (B, L, hidden)``.
+
+    ``LayerNorm(dropout(dense(context)) + input_tensor)``, like RecBole's ``MultiHeadAttention``, whose
+    parameter names it keeps. ``causal=False`` is the published (bidirectional) form, ``True`` the causal one.
+    ``attn_dropout_prob`` drops entries of the normalised keys, the factor of the attention matrix that exists
+    here (the matrix itself never does).
+    """
+
+    def __init__(self, n_heads, hidden_size, hidden_dropout_prob, attn_dropout_prob, layer_norm_eps, causal=False,
+                 eps=1e-6):
+        super().__init__()
+        check_heads(hidden_size, n_heads)
+        self.n_heads, self.head_dim, self.causal, self.eps = n_heads, hidden_size // n_heads, causal, eps
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.attn_dropout = nn.Dropout(attn_dropout_prob)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.out_dropout = nn.Dropout(hidden_dropout_prob)
+
+    def heads(self, x):
+        """``(B, L, H * D)`` -> ``(B, H, L, D)``."""
+        B, L, _ = x.shape
+        return x.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, input_tensor, item_seq_len=None):
+        q, k, v = (self.heads(proj(input_tensor)) for proj in (self.query, self.key, self.value))
+        if self.causal:
+            context = causal_linrec_attention(q, k, v, self.attn_dropout, self.eps)
+        else:
+            context = linrec_attention(q, k, v, item_seq_len, self.attn_dropout, self.eps)
+        hidden_states = self.out_dropout(self.dense(context.transpose(1, 2).flatten(2)))
+        return self.LayerNorm(hidden_states + input_tensor)
+
+    def extra_repr(self):
+        return f"n_heads={self.n_heads}, causal={self.causal}"
+
+
+def grouped(q, n_kv_heads):
+    """``(B, H, L, D)`` -> ``(B, Hkv, G, L, D)``: the query heads that share each kv head."""
+    B, H, L, D = q.shape
+    return q.view(B, n_kv_heads, H // n_kv_heads, L, D)
+
+
+def masked_linear_attention(q, k, v, allowed, scale, dropout_p=0.0, training=False):
+    """Sum of ``(q_t . k_s) * scale * v_s`` over the keys ``allowed[t, s]``: the ``L x L`` form.
+
+    q: ``(B, H, L, D)``; k, v: ``(B, Hkv, L, D)``; allowed: bool, broadcastable to ``(B, Hkv, 1, L, L)``.
+    Returns ``(B, H, L, D)``.
+    """
+    qg = grouped(q, k.shape[1])
+    weights = (qg @ k[:, :, None].transpose(-1, -2)) * scale * allowed.to(q.dtype)
+    weights = F.dropout(weights, p=dropout_p, training=training)
+    return (weights @ v[:, :, None]).flatten(1, 2)
+
+
+def gathered_linear_attention(q, k, v, index, valid, scale, dropout_p=0.0, training=False):
+    """Sum of ``(q_t . k_s) * scale * v_s`` over the keys ``s = index[t, m]`` with ``valid[t, m]``.
+
+    q: ``(B, H, L, D)``; k, v: ``(B, Hkv, L, D)``; index, valid: ``(L, M)`` (the same keys for every
+    sequence and head) or ``(B, Hkv, L, M)``. Memory ``O(L M)``: no ``L x L`` tensor. Returns ``(B, H, L, D)``.
+    """
+    B, Hkv = k.shape[:2]
+    if index.dim() == 2:
+        k_sel, v_sel = k[:, :, index], v[:, :, index]  # (B, Hkv, L, M, D)
+    else:
+        b = torch.arange(B, device=k.device).view(B, 1, 1, 1)
+        h = torch.arange(Hkv, device=k.device).view(1, Hkv, 1, 1)
+        k_sel, v_sel = k[b, h, index], v[b, h, index]
+    qg = grouped(q, Hkv).transpose(2, 3)  # (B, Hkv, L, G, D)
+    weights = (qg @ k_sel.transpose(-1, -2)) * scale  # (B, Hkv, L, G, M)
+    valid = valid[:, None] if valid.dim() == 2 else valid[:, :, :, None]
+    weights = F.dropout(weights * valid.to(q.dtype), p=dropout_p, training=training)
+    return (weights @ v_sel).transpose(2, 3).flatten(1, 2)
+
+
+def selected_key_index(blocks, valid, select_size, length):
+    """Key positions of LTIS selections: ``(B, Hkv, L, S)`` blocks -> ``index, valid`` ``(B, Hkv, L, S * select_size)``.
+
+    A key is valid when its block is and it is at or before the query (causal inside the query's own block).
+    """
+    offsets = torch.arange(select_size, device=blocks.device)
+    pos = (blocks[..., None] * select_size + offsets).flatten(-2)
+    t = torch.arange(length, device=blocks.device).view(1, 1, length, 1)
+    keep = valid.repeat_interleave(select_size, dim=-1) & (pos <= t)
+    return pos.clamp_max(length - 1), keep
+
+
+class BlossomLinRecAttention(nn.Module):
+    """LinRec's weights inside Blossom's sparse patterns; Blossom's layer interface and hyperparameters.
+
+    ``forward(input_tensor (B, L, hidden), item_seq_len (B,)) -> (B, L, hidden)``:
+    ``LayerNorm(dropout(W_o [g_ltis * LTIS + g_stis * STIS]) + input_tensor)`` where both branches sum
+    ``phi_n(q_t) . phi_n(k_s) / sqrt(d) * v_s`` over their key sets, with ``phi_n`` LinRec's normalised ELU
+    features and RoPE applied after it (a rotation keeps the unit norms). LTIS keys: the ``n_slc_blocks``
+    selection blocks that Blossom's block scoring picks (unrotated projections, frozen compression, as in
+    ``BlossomAttention``) plus the query's own block, causally; STIS keys: ``stis_key_index``. Padded query
+    rows are zero. PyTorch only (no fused kernels): ``blossom_impl`` must be ``auto`` or ``torch``.
+    """
+
+    def __init__(self, hp):
+        super().__init__()
+        if hp.blossom_impl == "fast":
+            raise ValueError("blossom_impl: fast is not available for BlossomLinRec (it has only the PyTorch "
+                             "path); use blossom_impl: auto or torch")
+        if hp.ltis_trainable_compression:
+            raise ValueError("ltis_trainable_compression: True is not available for BlossomLinRec; set it to False")
+        self.hp = hp
+        H, Hkv, D = hp.n_heads, hp.n_kv_heads, hp.head_dim
+        self.query = nn.Linear(hp.hidden_size, H * D)
+        self.key = nn.Linear(hp.hidden_size, Hkv * D)
+        self.value = nn.Linear(hp.hidden_size, Hkv * D)
+        self.rotary = RotaryEmbedding(D, hp.rope_base)
+        self.compressor = BlockCompressor(D, hp.cmp_block_len, hp.cmp_stride)
+        self.memory_key = nn.Parameter(torch.zeros(Hkv, D))
+        for p in (*self.compressor.parameters(), self.memory_key):  # they only pick blocks: no gradient
+            p.requires_grad_(False)
+        self.gate = BranchGate(hp.hidden_size, H, hp.gate_bias_ltis, hp.gate_bias_stis)
+        self.dense = nn.Linear(H * D, hp.hidden_size)
+        self.LayerNorm = nn.LayerNorm(hp.hidden_size, eps=hp.layer_norm_eps)
+        self.out_dropout = nn.Dropout(hp.hidden_dropout_prob)
+
+    def reset_parameters(self, initializer_range=0.02):
+        """Initialise what RecBole's ``_init_weights`` does not know about (gate biases, compression extras)."""
+        self.gate.reset_parameters()
+        nn.init.normal_(self.compressor.intra_block_pos, std=initializer_range)
+        nn.init.normal_(self.memory_key, std=initializer_range)
+
+    def heads(self, x):
+        """``(B, L, n * D)`` -> ``(B, n, L, D)``."""
+        B, L, _ = x.shape
+        return x.view(B, L, -1, self.hp.head_dim).transpose(1, 2)
+
+    def ltis_blocks(self, q, k):
+        """Blossom's block selection from the unrotated projections: ``blocks, valid`` ``(B, Hkv, L, S)``."""
+        hp = self.hp
+        with torch.no_grad():
+            k_cmp = self.compressor(k.detach())
+        return select_blocks(q.detach(), k_cmp, self.memory_key, hp.cmp_block_len, hp.cmp_stride, hp.slc_block_size,
+                             hp.n_slc_blocks, hp.ltis_chunk_size)
+
+    def ltis(self, q, k, v, q_raw, k_raw):
+        """LTIS branch on features ``q (B, H, L, D)``, ``k, v (B, Hkv, L, D)``; blocks picked with the raw ones."""
+        hp, L = self.hp, q.shape[2]
+        p = hp.attn_dropout_prob
+        scale = 1.0 / math.sqrt(hp.head_dim)
+        if -(-L // hp.slc_block_size) - 1 <= hp.n_slc_blocks:
+            # every query selects all of its past blocks: LTIS is causal over every key
+            causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+            return masked_linear_attention(q, k, v, causal, scale, p, self.training)
+        blocks, valid = self.ltis_blocks(q_raw, k_raw)
+        index, keep = selected_key_index(blocks, valid, hp.slc_block_size, L)
+        return gathered_linear_attention(q, k, v, index, keep, scale, p, self.training)
+
+    def stis(self, q, k, v):
+        """STIS branch: the fixed relative key set of :func:`recbole_blossom.stis.stis_key_index`."""
+        index, valid = stis_key_index(q.shape[2], self.hp.stis_window, self.hp.stis_sink, device=q.device)
+        return gathered_linear_attention(q, k, v, index, valid, 1.0 / math.sqrt(self.hp.head_dim),
+                                         self.hp.attn_dropout_prob, self.training)
+
+    def forward(self, input_tensor, item_seq_len=None):
+        q_raw = self.heads(self.query(input_tensor))
+        k_raw = self.heads(self.key(input_tensor))
+        v = self.heads(self.value(input_tensor))
+        q, k = self.rotary(normalized_features(q_raw), normalized_features(k_raw))
+        g_ltis, g_stis = self.gate(input_tensor)
+        context = g_ltis * self.ltis(q, k, v, q_raw, k_raw) + g_stis * self.stis(q, k, v)  # (B, H, L, D)
+        if item_seq_len is not None:
+            context = context * real_positions(item_seq_len, context.shape[2], context.device)[:, None, :, None]
+        hidden_states = self.out_dropout(self.dense(context.transpose(1, 2).flatten(2)))
+        return self.LayerNorm(hidden_states + input_tensor)
