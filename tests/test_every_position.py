@@ -1,0 +1,148 @@
+"""seq_train_mode: every_position, loss side: equal to RecBole's per-prefix losses, chunking, refusals."""
+
+import pytest
+import torch
+from recbole.data.interaction import Interaction
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from recbole_blossom import BlossomConfig, BlossomLinRec, BlossomSASRec, LinRec, SASRecSDPA
+from recbole_blossom.model import target_list_field
+from recbole_blossom.model.base import chunked_cross_entropy
+
+L = 24  # with these block sizes LTIS selects 2 of up to 11 past blocks: selection is active
+SIZES = {"hidden_size": 16, "inner_size": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "cmp_block_len": 4,
+         "cmp_stride": 2, "slc_block_size": 2, "n_slc_blocks": 2, "stis_window": 3, "MAX_ITEM_LIST_LENGTH": L,
+         "seq_train_mode": "every_position",
+         "initializer_range": 0.2}  # larger than RecBole's 0.02, so that every output depends on the other items
+CAUSAL = [(BlossomSASRec, {}), (SASRecSDPA, {}), (BlossomLinRec, {}), (LinRec, {"linrec_causal": True})]
+N_ITEMS = 40
+
+
+class Items:
+    """What ``SequentialRecommender.__init__`` reads from a dataset: the number of items."""
+
+    def num(self, field):
+        return N_ITEMS
+
+
+def build(model_class, **overrides):
+    config = BlossomConfig(model=model_class.__name__, dataset="ml-100k", config_dict={**SIZES, **overrides})
+    torch.manual_seed(0)
+    return model_class(config, Items())
+
+
+def histories(seed=0):
+    """Training histories of 5 users, 2 to L + 1 items each, so that each fits one window of L inputs."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, N_ITEMS, (n,), generator=g).tolist() for n in (L + 1, 2, 9, 17, L)]
+
+
+def every_position_batch(users):
+    """The contract's batch: inputs items[:-1], targets items[1:], left-aligned, 0 = padding."""
+    seq, target = torch.zeros(len(users), L, dtype=torch.long), torch.zeros(len(users), L, dtype=torch.long)
+    for b, items in enumerate(users):
+        seq[b, :len(items) - 1] = torch.tensor(items[:-1])
+        target[b, :len(items) - 1] = torch.tensor(items[1:])
+    lengths = torch.tensor([len(items) - 1 for items in users])
+    return Interaction({"item_id_list": seq, "item_length": lengths, "target_item_id_list": target})
+
+
+def per_prefix_batch(users):
+    """RecBole's batch: one row per prefix, the next item as the target."""
+    rows = [(items[:t], items[t]) for items in users for t in range(1, len(items))]
+    seq = torch.zeros(len(rows), L, dtype=torch.long)
+    for r, (prefix, _) in enumerate(rows):
+        seq[r, :len(prefix)] = torch.tensor(prefix)
+    return Interaction({"item_id_list": seq, "item_length": torch.tensor([len(p) for p, _ in rows]),
+                        "item_id": torch.tensor([t for _, t in rows])})
+
+
+def test_target_field_name_follows_the_config():
+    assert target_list_field({"ITEM_ID_FIELD": "item_id", "LIST_SUFFIX": "_list"}) == "target_item_id_list"
+    assert target_list_field({"ITEM_ID_FIELD": "song", "LIST_SUFFIX": "_seq"}) == "target_song_seq"
+
+
+@pytest.mark.parametrize("model_class, overrides", CAUSAL)
+def test_loss_and_gradients_equal_the_per_prefix_ones(model_class, overrides):
+    model = build(model_class, **overrides).eval()  # dropout off
+    assert model.causal
+    users = histories()
+    grads = []
+    losses = []
+    for data in (every_position_batch(users), per_prefix_batch(users)):
+        model.zero_grad()
+        loss = model.calculate_loss(data)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert len(per_prefix_batch(users)) == sum(len(items) - 1 for items in users)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("model_class, overrides", CAUSAL[:2])
+def test_chunking_changes_neither_loss_nor_gradients(model_class, overrides):
+    data = every_position_batch(histories(seed=1))
+    results = []
+    for chunk in (1, 7, 1024):
+        model = build(model_class, loss_chunk_size=chunk, **overrides).eval()
+        loss = model.calculate_loss(data)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    for loss, grads in results[:2]:
+        assert loss == pytest.approx(results[-1][0], rel=1e-6)
+        assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(grads, results[-1][1]))
+
+
+def test_padded_positions_and_later_items_do_not_count():
+    model = build(BlossomSASRec).eval()
+    data = every_position_batch(histories())
+    before = model.calculate_loss(data).item()
+    seq, target, real = data["item_id_list"], data["target_item_id_list"], data["item_id_list"] != 0
+    seq[~real], target[~real] = 7, 9  # garbage behind the lengths
+    assert model.calculate_loss(data).item() == pytest.approx(before, rel=1e-6)
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_chunked_loss_bounds_the_logits_in_both_passes():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(600, 8, generator=g, requires_grad=True)
+    weight = torch.randn(300, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (600,), generator=g)
+    with _LargestTensor() as probe:
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=50)
+        loss.backward()
+    assert probe.largest <= 50 * 300 < 600 * 300, probe.largest
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(grads[0], hidden.grad, atol=1e-7) and torch.allclose(grads[1], weight.grad, atol=1e-7)
+
+
+def test_models_that_cannot_train_on_every_position_refuse_clearly():
+    assert BlossomSASRec.supports_every_position and SASRecSDPA.supports_every_position
+    assert BlossomLinRec.supports_every_position and not LinRec.supports_every_position
+    with pytest.raises(ValueError, match="LinRec is bidirectional unless linrec_causal: True"):
+        build(LinRec)
+    with pytest.raises(ValueError, match="loss_type 'BPR' is not implemented for it"):
+        build(BlossomSASRec, loss_type="BPR")
+    # a bidirectional LinRec built for per_prefix refuses a batch with every-position targets
+    model = build(LinRec, seq_train_mode="per_prefix")
+    with pytest.raises(ValueError, match="linrec_causal: True"):
+        model.calculate_loss(every_position_batch(histories()))
