@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_blossom.attention import BranchGate
-from recbole_blossom.ltis import BlockCompressor, select_blocks
+from recbole_blossom.ltis import BlockCompressor, select_blocks, selected_token_mask
 from recbole_blossom.rotary import RotaryEmbedding
 from recbole_blossom.stis import stis_key_index
 
@@ -131,9 +131,11 @@ def grouped(q, n_kv_heads):
 def masked_linear_attention(q, k, v, allowed, scale, dropout_p=0.0, training=False):
     """Sum of ``(q_t . k_s) * scale * v_s`` over the keys ``allowed[t, s]``: the ``L x L`` form.
 
-    q: ``(B, H, L, D)``; k, v: ``(B, Hkv, L, D)``; allowed: bool, broadcastable to ``(B, Hkv, 1, L, L)``.
+    q: ``(B, H, L, D)``; k, v: ``(B, Hkv, L, D)``; allowed: bool ``(L, L)`` or ``(B, Hkv, L, L)``.
     Returns ``(B, H, L, D)``.
     """
+    if allowed.dim() == 4:
+        allowed = allowed[:, :, None]  # shared by the query heads of a kv head
     qg = grouped(q, k.shape[1])
     weights = (qg @ k[:, :, None].transpose(-1, -2)) * scale * allowed.to(q.dtype)
     weights = F.dropout(weights, p=dropout_p, training=training)
@@ -182,7 +184,13 @@ class BlossomLinRecAttention(nn.Module):
     selection blocks that Blossom's block scoring picks (unrotated projections, frozen compression, as in
     ``BlossomAttention``) plus the query's own block, causally; STIS keys: ``stis_key_index``. Padded query
     rows are zero. PyTorch only (no fused kernels): ``blossom_impl`` must be ``auto`` or ``torch``.
+
+    Up to ``dense_max_len`` the LTIS selection is applied as an ``L x L`` mask (fewer bytes than gathering
+    ``(n_slc_blocks + 1) * slc_block_size`` keys per query there); above it the selected keys are gathered
+    (memory linear in ``L``), as ``recbole_blossom.ltis.selected_block_attention`` does.
     """
+
+    dense_max_len = 256
 
     def __init__(self, hp):
         super().__init__()
@@ -235,6 +243,9 @@ class BlossomLinRecAttention(nn.Module):
             causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
             return masked_linear_attention(q, k, v, causal, scale, p, self.training)
         blocks, valid = self.ltis_blocks(q_raw, k_raw)
+        if L <= self.dense_max_len:
+            allowed = selected_token_mask(blocks, valid, L, hp.slc_block_size)  # (B, Hkv, L, L)
+            return masked_linear_attention(q, k, v, allowed, scale, p, self.training)
         index, keep = selected_key_index(blocks, valid, hp.slc_block_size, L)
         return gathered_linear_attention(q, k, v, index, keep, scale, p, self.training)
 

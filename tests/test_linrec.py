@@ -129,10 +129,13 @@ def blossom_hp(**overrides):
     return BlossomHParams(**values)
 
 
-@pytest.mark.parametrize("L, lengths", [(24, [24, 13, 1]), (5, [5, 2])])  # LTIS selecting, and LTIS = causal
-def test_blossom_linrec_layer_matches_naive_reference(L, lengths):
+@pytest.mark.parametrize("L, lengths, dense_max_len", [
+    (24, [24, 13, 1], 256), (24, [24, 13, 1], 8),  # LTIS selecting: as an L x L mask, and gathered
+    (5, [5, 2], 256)])  # LTIS = causal attention
+def test_blossom_linrec_layer_matches_naive_reference(L, lengths, dense_max_len):
     torch.manual_seed(0)
     layer = BlossomLinRecAttention(blossom_hp()).double()
+    layer.dense_max_len = dense_max_len
     layer.reset_parameters()
     with torch.no_grad():
         layer.gate.proj.weight.normal_(std=0.5)  # gates that differ by position and head
@@ -175,6 +178,7 @@ def test_attention_memory_grows_linearly_with_length(kind):
     if kind == "blossom":  # LTIS selecting (2 of L/4 blocks), block scores in chunks of 32 queries
         layer = BlossomLinRecAttention(blossom_hp(hidden_size=hidden, n_heads=2, n_kv_heads=1, ltis_chunk_size=32,
                                                   cmp_block_len=8, cmp_stride=4, slc_block_size=4))
+        layer.dense_max_len = 128  # the gathered form, used above this length
     else:
         layer = LinRecAttention(n_heads=2, hidden_size=hidden, hidden_dropout_prob=0.0, attn_dropout_prob=0.0,
                                 layer_norm_eps=1e-12, causal=kind == "causal")
