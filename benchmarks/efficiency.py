@@ -3,7 +3,7 @@
 Models (reference settings: hidden 128, 2 layers, 8 heads; BlossomSASRec with 2 kv heads):
 
 * ``SASRec``: RecBole's SASRec (explicit ``L x L`` attention);
-* ``SASRec-SDPA``: the same model with PyTorch's fused ``scaled_dot_product_attention`` (causal);
+* ``SASRec-SDPA``: the plugin's ``SASRecSDPA``, the same model with PyTorch's fused attention (causal);
 * ``LinRec``: ``recbole_blossom.model.linrec.LinRec`` when it is importable;
 * ``Blossom-torch`` / ``Blossom-fast``: BlossomSASRec with ``blossom_impl`` torch / fast.
 
@@ -28,49 +28,18 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import recbole_blossom  # noqa: E402,F401  (applies the RecBole compatibility shims)
-from recbole.model.layers import MultiHeadAttention  # noqa: E402
 from recbole.model.sequential_recommender import SASRec  # noqa: E402
 
-from recbole_blossom.model import BlossomSASRec  # noqa: E402
+from recbole_blossom.model import BlossomSASRec, SASRecSDPA  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = dict(USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", LIST_SUFFIX="_list",
               ITEM_LIST_LENGTH_FIELD="item_length", NEG_PREFIX="neg_")
-
-
-class SDPAAttention(MultiHeadAttention):
-    """RecBole's ``MultiHeadAttention`` computed by ``F.scaled_dot_product_attention`` (causal, fused)."""
-
-    def forward(self, input_tensor, attention_mask=None):
-        B, L, _ = input_tensor.shape
-        q, k, v = (proj(input_tensor).view(B, L, self.num_attention_heads, -1).transpose(1, 2)
-                   for proj in (self.query, self.key, self.value))
-        p = self.attn_dropout.p if self.training else 0.0
-        context = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        hidden_states = self.out_dropout(self.dense(context.transpose(1, 2).reshape(B, L, -1)))
-        return self.LayerNorm(hidden_states + input_tensor)
-
-
-class SASRecSDPA(SASRec):
-    """SASRec with fused causal attention: no ``L x L`` mask is built (items are left-aligned, so the causal
-    rule already hides the padding from every real position)."""
-
-    def __init__(self, config, dataset):
-        super().__init__(config, dataset)
-        for layer in self.trm_encoder.layer:
-            layer.multi_head_attention.__class__ = SDPAAttention
-
-    def forward(self, item_seq, item_seq_len):
-        positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0)
-        x = self.dropout(self.LayerNorm(self.item_embedding(item_seq) + self.position_embedding(positions)))
-        out = self.trm_encoder(x, None, output_all_encoded_layers=False)
-        return self.gather_indexes(out[-1], item_seq_len - 1)
 
 
 class FakeDataset:

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_blossom.attention import BranchGate
-from recbole_blossom.ltis import BlockCompressor, select_blocks, selected_token_mask
-from recbole_blossom.rotary import RotaryEmbedding
+from recbole_blossom.attention import BlossomAttention
+from recbole_blossom.ltis import select_blocks, selected_token_mask
 from recbole_blossom.stis import stis_key_index
 
 
@@ -174,18 +173,19 @@ def selected_key_index(blocks, valid, select_size, length):
     return pos.clamp_max(length - 1), keep
 
 
-class BlossomLinRecAttention(nn.Module):
-    """LinRec's weights inside Blossom's sparse patterns; Blossom's layer interface and hyperparameters.
+class BlossomLinRecAttention(BlossomAttention):
+    """LinRec's weights inside Blossom's sparse patterns: ``BlossomAttention``'s layer with another weight rule.
 
     ``forward(input_tensor (B, L, hidden), item_seq_len (B,)) -> (B, L, hidden)``:
     ``LayerNorm(dropout(W_o [g_ltis * LTIS + g_stis * STIS]) + input_tensor)`` where both branches sum
-    ``phi_n(q_t) . phi_n(k_s) / sqrt(d) * v_s`` over their key sets, with ``phi_n`` LinRec's normalised ELU
-    features and RoPE applied after it (a rotation keeps the unit norms). LTIS keys: the ``n_slc_blocks``
-    selection blocks that Blossom's block scoring picks (unrotated projections, frozen compression, as in
-    ``BlossomAttention``) plus the query's own block, causally; STIS keys: ``stis_key_index``. Padded query
-    rows are zero. PyTorch only (no fused kernels): ``blossom_impl`` must be ``auto`` or ``torch``.
+    ``phi_n(q_t) . phi_n(k_s) / sqrt(d) * v_s`` over their key sets (no softmax), with ``phi_n`` LinRec's
+    normalised ELU features and RoPE applied after it (a rotation keeps the unit norms). LTIS keys: the
+    ``n_slc_blocks`` selection blocks that Blossom's block scoring picks (``BlossomAttention``'s frozen
+    compression, scored with the unrotated projections) plus the query's own block, causally; STIS keys:
+    ``stis_key_index``. Padded query rows are zero. The parameters are ``BlossomAttention``'s.
 
-    Up to ``dense_max_len`` the LTIS selection is applied as an ``L x L`` mask (fewer bytes than gathering
+    PyTorch only (no fused kernels): ``blossom_impl`` must be ``auto`` or ``torch``. Up to ``dense_max_len``
+    the LTIS selection is applied as an ``L x L`` mask (fewer bytes than gathering
     ``(n_slc_blocks + 1) * slc_block_size`` keys per query there); above it the selected keys are gathered
     (memory linear in ``L``), as ``recbole_blossom.ltis.selected_block_attention`` does.
     """
@@ -193,47 +193,22 @@ class BlossomLinRecAttention(nn.Module):
     dense_max_len = 256
 
     def __init__(self, hp):
-        super().__init__()
         if hp.blossom_impl == "fast":
             raise ValueError("blossom_impl: fast is not available for BlossomLinRec (it has only the PyTorch "
                              "path); use blossom_impl: auto or torch")
         if hp.ltis_trainable_compression:
             raise ValueError("ltis_trainable_compression: True is not available for BlossomLinRec; set it to False")
-        self.hp = hp
-        H, Hkv, D = hp.n_heads, hp.n_kv_heads, hp.head_dim
-        self.query = nn.Linear(hp.hidden_size, H * D)
-        self.key = nn.Linear(hp.hidden_size, Hkv * D)
-        self.value = nn.Linear(hp.hidden_size, Hkv * D)
-        self.rotary = RotaryEmbedding(D, hp.rope_base)
-        self.compressor = BlockCompressor(D, hp.cmp_block_len, hp.cmp_stride)
-        self.memory_key = nn.Parameter(torch.zeros(Hkv, D))
-        for p in (*self.compressor.parameters(), self.memory_key):  # they only pick blocks: no gradient
-            p.requires_grad_(False)
-        self.gate = BranchGate(hp.hidden_size, H, hp.gate_bias_ltis, hp.gate_bias_stis)
-        self.dense = nn.Linear(H * D, hp.hidden_size)
-        self.LayerNorm = nn.LayerNorm(hp.hidden_size, eps=hp.layer_norm_eps)
-        self.out_dropout = nn.Dropout(hp.hidden_dropout_prob)
-
-    def reset_parameters(self, initializer_range=0.02):
-        """Initialise what RecBole's ``_init_weights`` does not know about (gate biases, compression extras)."""
-        self.gate.reset_parameters()
-        nn.init.normal_(self.compressor.intra_block_pos, std=initializer_range)
-        nn.init.normal_(self.memory_key, std=initializer_range)
-
-    def heads(self, x):
-        """``(B, L, n * D)`` -> ``(B, n, L, D)``."""
-        B, L, _ = x.shape
-        return x.view(B, L, -1, self.hp.head_dim).transpose(1, 2)
+        super().__init__(hp)
 
     def ltis_blocks(self, q, k):
         """Blossom's block selection from the unrotated projections: ``blocks, valid`` ``(B, Hkv, L, S)``."""
         hp = self.hp
         with torch.no_grad():
-            k_cmp = self.compressor(k.detach())
-        return select_blocks(q.detach(), k_cmp, self.memory_key, hp.cmp_block_len, hp.cmp_stride, hp.slc_block_size,
-                             hp.n_slc_blocks, hp.ltis_chunk_size)
+            k_cmp = self.ltis.compressor(k.detach())
+        return select_blocks(q.detach(), k_cmp, self.ltis.memory_key, hp.cmp_block_len, hp.cmp_stride,
+                             hp.slc_block_size, hp.n_slc_blocks, hp.ltis_chunk_size)
 
-    def ltis(self, q, k, v, q_raw, k_raw):
+    def ltis_branch(self, q, k, v, q_raw, k_raw):
         """LTIS branch on features ``q (B, H, L, D)``, ``k, v (B, Hkv, L, D)``; blocks picked with the raw ones."""
         hp, L = self.hp, q.shape[2]
         p = hp.attn_dropout_prob
@@ -249,7 +224,7 @@ class BlossomLinRecAttention(nn.Module):
         index, keep = selected_key_index(blocks, valid, hp.slc_block_size, L)
         return gathered_linear_attention(q, k, v, index, keep, scale, p, self.training)
 
-    def stis(self, q, k, v):
+    def stis_branch(self, q, k, v):
         """STIS branch: the fixed relative key set of :func:`recbole_blossom.stis.stis_key_index`."""
         index, valid = stis_key_index(q.shape[2], self.hp.stis_window, self.hp.stis_sink, device=q.device)
         return gathered_linear_attention(q, k, v, index, valid, 1.0 / math.sqrt(self.hp.head_dim),
@@ -261,8 +236,8 @@ class BlossomLinRecAttention(nn.Module):
         v = self.heads(self.value(input_tensor))
         q, k = self.rotary(normalized_features(q_raw), normalized_features(k_raw))
         g_ltis, g_stis = self.gate(input_tensor)
-        context = g_ltis * self.ltis(q, k, v, q_raw, k_raw) + g_stis * self.stis(q, k, v)  # (B, H, L, D)
-        if item_seq_len is not None:
+        context = g_ltis * self.ltis_branch(q, k, v, q_raw, k_raw) + g_stis * self.stis_branch(q, k, v)
+        if item_seq_len is not None:  # (B, H, L, D): padded query rows to zero
             context = context * real_positions(item_seq_len, context.shape[2], context.device)[:, None, :, None]
         hidden_states = self.out_dropout(self.dense(context.transpose(1, 2).flatten(2)))
         return self.LayerNorm(hidden_states + input_tensor)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from memory_probe import LargestTensor
 from recbole.data.interaction import Interaction
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from recbole_blossom import BlossomConfig, BlossomLinRec, BlossomSASRec, LinRec, SASRecSDPA
 from recbole_blossom.model import target_list_field
@@ -105,25 +105,12 @@ def test_padded_positions_and_later_items_do_not_count():
     assert model.calculate_loss(data).item() == pytest.approx(before, rel=1e-6)
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_chunked_loss_bounds_the_logits_in_both_passes():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(600, 8, generator=g, requires_grad=True)
     weight = torch.randn(300, 8, generator=g, requires_grad=True)
     targets = torch.randint(0, 300, (600,), generator=g)
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=50)
         loss.backward()
     assert probe.largest <= 50 * 300 < 600 * 300, probe.largest

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from recbole.utils import init_seed
+from memory_probe import LargestTensor
 from tiny_runs import TINY
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import recbole_blossom
-from recbole_blossom import BlossomAttention, BlossomConfig, BlossomHParams, BlossomLinRec, LinRec, get_model_class
+from recbole_blossom import BlossomConfig, BlossomHParams, BlossomLinRec, BlossomSASRec, LinRec, get_model_class
 from recbole_blossom.linear_attention import (
     BlossomLinRecAttention,
     LinRecAttention,
@@ -61,7 +61,7 @@ def naive_blossom_linrec(layer, x, lengths):
     if n_slc - 1 <= hp.n_slc_blocks:
         ltis_keys = torch.ones(B, Hkv, L, L, dtype=torch.bool).tril()
     else:
-        blocks, valid = select_blocks(q_raw, layer.compressor(k_raw), layer.memory_key, hp.cmp_block_len,
+        blocks, valid = select_blocks(q_raw, layer.ltis.compressor(k_raw), layer.ltis.memory_key, hp.cmp_block_len,
                                       hp.cmp_stride, hp.slc_block_size, hp.n_slc_blocks)
         ltis_keys = selected_token_mask(blocks, valid, L, hp.slc_block_size)
     index, valid = stis_key_index(L, hp.stis_window, hp.stis_sink)
@@ -147,8 +147,8 @@ def test_blossom_linrec_layer_matches_naive_reference(L, lengths, dense_max_len)
     real = torch.arange(L)[None, :] < lengths[:, None]
     assert torch.allclose(got[real], expected[real], atol=1e-10)
     if L == 24:  # the test exercises selection: some past keys are left out of LTIS
-        blocks, valid = select_blocks(layer.heads(layer.query(x)), layer.compressor(layer.heads(layer.key(x))),
-                                      layer.memory_key, 4, 2, 2, 2)
+        blocks, valid = select_blocks(layer.heads(layer.query(x)), layer.ltis.compressor(layer.heads(layer.key(x))),
+                                      layer.ltis.memory_key, 4, 2, 2, 2)
         assert not selected_token_mask(blocks, valid, L, 2).all(-1)[..., L - 1].any()
 
 
@@ -157,19 +157,6 @@ def test_blossom_linrec_rejects_what_it_does_not_have():
         BlossomLinRecAttention(blossom_hp(blossom_impl="fast"))
     with pytest.raises(ValueError, match="ltis_trainable_compression"):
         BlossomLinRecAttention(blossom_hp(ltis_trainable_compression=True))
-
-
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("kind", ["published", "causal", "blossom"])
@@ -185,7 +172,7 @@ def test_attention_memory_grows_linearly_with_length(kind):
     largest = {}
     for L in (256, 512):
         x = torch.randn(1, L, hidden, requires_grad=True)
-        with _LargestTensor() as probe:
+        with LargestTensor() as probe:
             layer(x, torch.tensor([L])).sum().backward()
         largest[L] = probe.largest
     # 2 heads: dense attention would hold 2 L^2. (select_blocks' block-overlap matrix grows as
@@ -216,11 +203,12 @@ def test_structure(data):
     assert not any(layer.multi_head_attention.causal for layer in linrec.trm_encoder.layer)
     causal = build(LinRec, data, linrec_causal=True)
     assert all(layer.multi_head_attention.causal for layer in causal.trm_encoder.layer)
-    # the compression only picks blocks: no gradient, as in BlossomSASRec
-    assert [n for n, p in blossom.named_parameters() if not p.requires_grad] == [
-        f"trm_encoder.layer.{i}.multi_head_attention.{name}" for i in range(2)
-        for name in ("memory_key", "compressor.intra_block_pos", "compressor.mlp.0.weight", "compressor.mlp.0.bias",
-                     "compressor.mlp.2.weight", "compressor.mlp.2.bias")]
+    # BlossomAttention's parameters, the compression frozen (it only picks blocks), as in BlossomSASRec
+    sasrec = build(BlossomSASRec, data)
+    shapes = {n: p.shape for n, p in sasrec.named_parameters() if "trm_encoder" in n}
+    assert {n: p.shape for n, p in blossom.named_parameters() if "trm_encoder" in n} == shapes
+    assert {n for n, p in blossom.named_parameters() if not p.requires_grad} == {
+        n for n, p in sasrec.named_parameters() if not p.requires_grad} != set()
 
 
 def test_bad_values_are_clear_errors(data):
@@ -239,7 +227,7 @@ def test_padding_and_batch_invariance(data, model_class, causal):
         # torch.max breaks such ties differently for different padded lengths. Spread the scores.
         with torch.no_grad():
             for layer in model.trm_encoder.layer:
-                for p in layer.multi_head_attention.compressor.parameters():
+                for p in layer.multi_head_attention.ltis.compressor.parameters():
                     p.normal_(std=1.0)
     seq, lengths = padded_batch(model.n_items, [25, 17, 3], L=25)
     with torch.no_grad():
