@@ -173,6 +173,15 @@ def selected_key_index(blocks, valid, select_size, length):
     return pos.clamp_max(length - 1), keep
 
 
+def check_blossom_linrec(hp):
+    """Raise ``ValueError`` naming the key for a Blossom setting that BlossomLinRec does not have."""
+    if hp.blossom_impl == "fast":
+        raise ValueError("blossom_impl: fast is not available for BlossomLinRec (it has only the PyTorch path); "
+                         "use blossom_impl: auto or torch")
+    if hp.ltis_trainable_compression:
+        raise ValueError("ltis_trainable_compression: True is not available for BlossomLinRec; set it to False")
+
+
 class BlossomLinRecAttention(BlossomAttention):
     """LinRec's weights inside Blossom's sparse patterns: ``BlossomAttention``'s layer with another weight rule.
 
@@ -193,11 +202,7 @@ class BlossomLinRecAttention(BlossomAttention):
     dense_max_len = 256
 
     def __init__(self, hp):
-        if hp.blossom_impl == "fast":
-            raise ValueError("blossom_impl: fast is not available for BlossomLinRec (it has only the PyTorch "
-                             "path); use blossom_impl: auto or torch")
-        if hp.ltis_trainable_compression:
-            raise ValueError("ltis_trainable_compression: True is not available for BlossomLinRec; set it to False")
+        check_blossom_linrec(hp)
         super().__init__(hp)
 
     def ltis_blocks(self, q, k):

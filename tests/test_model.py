@@ -164,3 +164,19 @@ def test_objective_function_for_hyper_tuning(tmp_path, monkeypatch):
     out = recbole_blossom.objective_function(config_dict={**TINY, "n_layers": 1}, config_file_list=[str(cfg)],
                                              saved=False)
     assert out["model"] == "BlossomSASRec" and "ndcg@10" in out["test_result"]
+
+
+@pytest.mark.parametrize("model, key, value, message", [
+    ("BlossomSASRec", "n_kv_heads", 3, "n_kv_heads"),
+    ("BlossomSASRec", "seq_train_mode", "every-position", "seq_train_mode must be one of"),
+    ("BlossomLinRec", "blossom_impl", "fast", "blossom_impl: fast is not available for BlossomLinRec"),
+    ("LinRec", "n_heads", 3, r"hidden_size \(128\) must be divisible by n_heads \(3\)"),
+    ("LinRec", "seq_train_mode", "every_position", "linrec_causal: True"),
+    ("SASRecSDPA", "loss_chunk_size", -1, "loss_chunk_size must be a positive integer"),
+])
+def test_model_keys_are_checked_from_the_config_alone(model, key, value, message):
+    """``check_config`` needs no data, so bad model keys can be refused before anything is loaded."""
+    model_class = recbole_blossom.MODELS[model]
+    model_class.check_config(BlossomConfig(model=model, dataset="ml-100k"))  # the defaults pass
+    with pytest.raises(ValueError, match=message):
+        model_class.check_config(BlossomConfig(model=model, dataset="ml-100k", config_dict={key: value}))

@@ -64,14 +64,11 @@ class AttentionSASRec(SASRec):
     supports_every_position = False
 
     def __init__(self, config, dataset):
-        self.check_seq_train_mode(config)
+        self.check_config(config)
         super().__init__(config, dataset)
         self.TARGET_SEQ = target_list_field(config)
         self.causal = self.every_position_supported(config)
         self.loss_chunk_size = setting(config, "loss_chunk_size", 1024)
-        if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) \
-                or self.loss_chunk_size <= 0:
-            raise ValueError(f"loss_chunk_size must be a positive integer, got {self.loss_chunk_size!r}")
         if not self.use_position_embedding:
             del self.position_embedding
         for layer in self.trm_encoder.layer:
@@ -84,6 +81,15 @@ class AttentionSASRec(SASRec):
     def build_attention(self, config):
         """One attention layer: ``forward(hidden_states (B, L, hidden), item_seq_len (B,)) -> (B, L, hidden)``."""
         raise NotImplementedError(f"{type(self).__name__} must define build_attention(config)")
+
+    @classmethod
+    def check_config(cls, config):
+        """Raise ``ValueError`` naming the key for a bad model key; reads only the config, so it can run before
+        any data is loaded. Subclasses add their attention's keys."""
+        cls.check_seq_train_mode(config)
+        chunk = setting(config, "loss_chunk_size", 1024)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+            raise ValueError(f"loss_chunk_size must be a positive integer, got {chunk!r}")
 
     @classmethod
     def every_position_supported(cls, config):

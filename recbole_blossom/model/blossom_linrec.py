@@ -1,7 +1,7 @@
 """BlossomLinRec: LinRec's normalised linear attention inside BlossomRec's sparse patterns."""
 
 from recbole_blossom.attention import BlossomHParams
-from recbole_blossom.linear_attention import BlossomLinRecAttention
+from recbole_blossom.linear_attention import BlossomLinRecAttention, check_blossom_linrec
 from recbole_blossom.model.base import AttentionSASRec
 
 
@@ -15,6 +15,11 @@ class BlossomLinRec(AttentionSASRec):
     """
 
     supports_every_position = True
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        check_blossom_linrec(BlossomHParams.from_config(config))
 
     def build_attention(self, config):
         return BlossomLinRecAttention(BlossomHParams.from_config(config))

@@ -15,5 +15,10 @@ class BlossomSASRec(AttentionSASRec):
     use_position_embedding = False
     supports_every_position = True
 
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        BlossomHParams.from_config(config)
+
     def build_attention(self, config):
         return BlossomAttention(BlossomHParams.from_config(config))

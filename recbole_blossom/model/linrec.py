@@ -25,10 +25,11 @@ class LinRec(AttentionSASRec):
     ``seq_train_mode: every_position`` needs.
     """
 
-    def __init__(self, config, dataset):
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
         check_heads(config["hidden_size"], config["n_heads"])
         linrec_causal(config)
-        super().__init__(config, dataset)
 
     @classmethod
     def every_position_supported(cls, config):
