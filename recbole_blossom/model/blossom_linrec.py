@@ -1,6 +1,7 @@
 """BlossomLinRec: LinRec with its attention layers replaced by BlossomRec's attention."""
 
-from recbole_blossom.attention import BlossomAttention, BlossomHParams
+from recbole_blossom.attention import BlossomAttention
+from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
 from recbole_blossom.model.linrec import LinRec
 
 
@@ -17,8 +18,9 @@ class BlossomLinRec(LinRec):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.blossom = BlossomHParams.from_config(config)
+        self.blossom_runtime = BlossomRuntime.from_config(config)
         for layer in self.trm_encoder.layer:
-            attention = BlossomAttention(self.blossom)
+            attention = BlossomAttention(self.blossom, self.blossom_runtime)
             attention.apply(self._init_weights)
             attention.reset_parameters(self.initializer_range)
             layer.multi_head_attention = attention

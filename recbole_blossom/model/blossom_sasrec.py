@@ -2,7 +2,8 @@
 
 from recbole.model.sequential_recommender import SASRec
 
-from recbole_blossom.attention import BlossomAttention, BlossomHParams
+from recbole_blossom.attention import BlossomAttention
+from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
 
 
 class BlossomSASRec(SASRec):
@@ -16,9 +17,10 @@ class BlossomSASRec(SASRec):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.blossom = BlossomHParams.from_config(config)
+        self.blossom_runtime = BlossomRuntime.from_config(config)
         del self.position_embedding
         for layer in self.trm_encoder.layer:
-            layer.multi_head_attention = BlossomAttention(self.blossom)
+            layer.multi_head_attention = BlossomAttention(self.blossom, self.blossom_runtime)
             layer.multi_head_attention.apply(self._init_weights)
             layer.multi_head_attention.reset_parameters(self.initializer_range)
 
