@@ -6,7 +6,7 @@
   only the max and the denominator); pass 2 walks the candidate selection blocks, recomputes the
   probabilities of the compressed blocks that overlap each one, averages them over the heads and over the
   visible overlapping blocks, and keeps a running top-``n`` per query. The ``L x L / stride`` scores never
-  reach memory. Scores use exact float32 products (``input_precision="ieee"``) so the choice matches the
+  reach memory. Scores use exact float32 products (``input_precision=PRECISION``) so the choice matches the
   PyTorch path except on exact near-ties.
 * :func:`gathered_attention`: a program owns a tile of query positions and *all* query heads of one kv
   head, so each gathered key and value is read once for the ``G`` heads that share it (rows of the tile
@@ -54,7 +54,7 @@ if triton is not None:
                        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                        BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
                        N_SEL: tl.constexpr, N_SEL_P2: tl.constexpr, N_OV: tl.constexpr, G_P2: tl.constexpr,
-                       BT: tl.constexpr, BC: tl.constexpr):
+                       BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr):
         pid_t, bhk = tl.program_id(0), tl.program_id(1)
         b, hkv = (bhk // HKV).to(tl.int64), bhk % HKV
         offs_t = pid_t * BT + tl.arange(0, BT)
@@ -78,7 +78,7 @@ if triton is not None:
                 i = c0 + offs_c
                 kc = tl.load(kc_base + i[:, None] * skn + offs_d[None, :], mask=(i < NC)[:, None] & d_ok[None, :],
                              other=0.0).to(tl.float32)
-                s = tl.dot(q, tl.trans(kc), input_precision="ieee") * scale
+                s = tl.dot(q, tl.trans(kc), input_precision=PRECISION) * scale
                 vis = (i[None, :] * STRIDE + BLOCK_LEN - 1 <= offs_t[:, None]) & (i < NC)[None, :]
                 s = tl.where(vis, s, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -111,7 +111,7 @@ if triton is not None:
                                 mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
                     m = tl.sum(tl.where(offs_g[None, :] == g, m_all, 0.0), axis=1)
                     den = tl.sum(tl.where(offs_g[None, :] == g, den_all, 0.0), axis=1)
-                    s = tl.dot(q, tl.trans(kc), input_precision="ieee") * scale
+                    s = tl.dot(q, tl.trans(kc), input_precision=PRECISION) * scale
                     p_sum += tl.exp(s - m[:, None]) / den[:, None]
                 total += tl.where(vis, p_sum, 0.0)
                 count += vis.to(tl.float32)
@@ -289,22 +289,23 @@ if triton is not None:
             tl.atomic_add(DV + out_off, dv, mask=kv_mask, sem="relaxed")
 
 
-def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None):
+def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None,
+                  *, bt=64, bc=64, precision="ieee", num_warps=4):
     """Fused twin of :func:`recbole_blossom.ops.naive.select_blocks` (``chunk_size`` is not needed here:
-    nothing ``L x Nc`` is stored). Slots come in no particular order."""
+    nothing ``L x Nc`` is stored). Slots come in no particular order. ``bt, bc, precision, num_warps`` tune
+    the kernel (``benchmarks/kernels.py``)."""
     B, H, L, D = q.shape
     Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    q, k_cmp = q.detach().contiguous(), k_cmp.detach().contiguous()
+    q, k_cmp = q.detach().float().contiguous(), k_cmp.detach().float().contiguous()
     mem_key = mem_key.detach().float().contiguous()
     idx = torch.empty(B, Hkv, L, n_select + 1, dtype=torch.int32, device=q.device)
-    bt, bc = 64, 64
     _select_kernel[(triton.cdiv(L, bt), B * Hkv)](
         q, k_cmp, mem_key, idx, L, n_cmp, scale, *q.stride()[:3], *k_cmp.stride()[:3], *idx.stride()[:3],
         HKV=Hkv, G=H // Hkv, D=D, D_P2=max(16, triton.next_power_of_2(D)), BLOCK_LEN=block_len, STRIDE=stride,
         SEL=select_size, N_SEL=n_select, N_SEL_P2=triton.next_power_of_2(n_select),
         N_OV=overlap_count(block_len, stride, select_size), G_P2=triton.next_power_of_2(H // Hkv), BT=bt, BC=bc,
-        num_warps=4)
+        PRECISION=precision, num_warps=num_warps)
     return idx
 
 
