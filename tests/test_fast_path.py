@@ -3,9 +3,13 @@
 The GPU tests skip where CUDA is unavailable; the dispatch tests run anywhere in a few seconds.
 """
 
+import math
+
 import pytest
 import torch
+from tiny_runs import inside, tiny
 
+import recbole_blossom
 from recbole_blossom.attention import BlossomAttention
 from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
 from recbole_blossom.ltis import LTIS, num_compressed_blocks
@@ -148,9 +152,12 @@ def test_select_blocks_fast_matches_torch(B, H, Hkv, L, D, geometry):
     fast = parallel.select_blocks(q, k_cmp, mem, *geometry)
     assert fast.shape == ref.shape and torch.equal(fast[..., -1], ref[..., -1])
     same = (fast[..., :-1].sort(-1).values == ref[..., :-1].sort(-1).values).all(-1).float().mean().item()
-    assert same > 0.999, same  # identical choices except on exact near-ties
+    assert same > 0.99, same  # identical choices except on near-ties (TF32 scores)
+    exact = parallel.select_blocks(q, k_cmp, mem, *geometry, precision="ieee")
+    assert (exact[..., :-1].sort(-1).values == ref[..., :-1].sort(-1).values).all(-1).float().mean() > 0.999
+    # where the choices differ, they are as good: the chosen blocks' exact scores agree to TF32 rounding
     torch.testing.assert_close(selected_scores(q, k_cmp, mem, fast, geometry),
-                               selected_scores(q, k_cmp, mem, ref, geometry), rtol=1e-5, atol=1e-6)
+                               selected_scores(q, k_cmp, mem, ref, geometry), rtol=1e-2, atol=1e-5)
 
 
 @gpu
@@ -158,8 +165,10 @@ def test_select_blocks_fast_matches_torch(B, H, Hkv, L, D, geometry):
 @pytest.mark.parametrize("L,blocks", [(45, {}), (200, {}), (700, {}), (77, dict(cmp_block_len=8, cmp_stride=4,
                                                                                  slc_block_size=4, n_slc_blocks=2))])
 def test_layer_fast_matches_torch(L, blocks, dtype):
-    """Whole attention layer (projections, RoPE, selection, gate): outputs and every parameter gradient of the
-    fast path against the PyTorch path, both in ``dtype`` (autocast for bf16/fp16)."""
+    """Whole attention layer (projections, RoPE, selection, gate): outputs and every parameter gradient.
+    float32: the fast path equals the PyTorch path. bf16/fp16 (autocast): against the float32 PyTorch layer,
+    the fast path's error is no larger than twice the PyTorch path's own error in that precision, plus 1e-2
+    (selection may flip on near-ties in either)."""
     torch.manual_seed(0)
     hp = dict(hidden_size=128, n_heads=8, n_kv_heads=2, **blocks)
     fast, ref = layer("fast", **hp).cuda().eval(), layer("torch", **hp).cuda().eval()
@@ -167,14 +176,21 @@ def test_layer_fast_matches_torch(L, blocks, dtype):
     x = torch.randn(3, L, 128, device="cuda")
     lengths = torch.tensor([L, L // 2, 3], device="cuda")
     w = torch.randn(3, L, 128, device="cuda")
-    outs = []
-    for attn in (fast, ref):
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+
+    def run(attn, precision):
+        attn.zero_grad()
+        with torch.autocast("cuda", dtype=precision, enabled=precision != torch.float32):
             out = attn(x, lengths)
         (out.float() * w).sum().backward()
-        outs.append([out.detach()] + [p.grad for p in attn.parameters() if p.requires_grad])
-    errs = [rel_err(a, b) for a, b in zip(*outs)]
-    assert max(errs) < TOL[dtype], errs
+        return [out.detach().float()] + [p.grad.clone() for p in attn.parameters() if p.requires_grad]
+
+    exact = run(ref, torch.float32)
+    fast_errs = [rel_err(a, b) for a, b in zip(run(fast, dtype), exact)]
+    if dtype == torch.float32:
+        assert max(fast_errs) < TOL[dtype], fast_errs
+        return
+    ref_errs = [rel_err(a, b) for a, b in zip(run(ref, dtype), exact)]
+    assert all(f <= 2 * r + 1e-2 for f, r in zip(fast_errs, ref_errs)), (fast_errs, ref_errs)
 
 
 @gpu
@@ -229,3 +245,15 @@ def test_ltis_short_sequences_are_causal_attention(L):
     idx = naive.select_blocks(q, ltis.compressor(k), ltis.memory_key, 32, 16, 16, 4)
     ref = naive.gathered_attention(q, k, v, idx, 16, lengths)
     torch.testing.assert_close(ltis(q, k, v, lengths), ref, rtol=1e-5, atol=1e-6)
+
+
+@gpu
+def test_recbole_fp16_amp_with_grad_scaler_trains(tmp_path):
+    """RecBole's ``enable_amp`` (fp16 autocast) with its gradient scaler: BlossomSASRec trains on the fast path
+    with selection active (small blocks, L = 50) and gives finite loss and metrics."""
+    config = tiny(tmp_path, enable_amp=True, enable_scaler=True, blossom_impl="fast", MAX_ITEM_LIST_LENGTH=50,
+                  epochs=2)
+    with inside(tmp_path):
+        result = recbole_blossom.run("BlossomSASRec", "ml-100k", config_dict=config, saved=False)
+    metrics = {**result["best_valid_result"], **result["test_result"]}
+    assert metrics and all(math.isfinite(v) for v in metrics.values()), metrics

@@ -290,7 +290,7 @@ if triton is not None:
 
 
 def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None,
-                  *, bt=64, bc=64, precision="ieee", num_warps=4):
+                  *, bt=64, bc=32, precision="tf32", num_warps=4):
     """Fused twin of :func:`recbole_blossom.ops.naive.select_blocks` (``chunk_size`` is not needed here:
     nothing ``L x Nc`` is stored). Slots come in no particular order. ``bt, bc, precision, num_warps`` tune
     the kernel (``benchmarks/kernels.py``)."""
