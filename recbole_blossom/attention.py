@@ -46,7 +46,8 @@ class BlossomAttention(nn.Module):
         self.rotary = RotaryEmbedding(D, hp.rope_base)
         self.ltis = LTIS(D, Hkv, block_len=hp.cmp_block_len, stride=hp.cmp_stride, select_size=hp.slc_block_size,
                          n_select=hp.n_slc_blocks, dropout_p=hp.attn_dropout_prob, chunk_size=runtime.ltis_chunk_size,
-                         impl=runtime.blossom_impl, trainable_compression=hp.ltis_trainable_compression)
+                         impl=runtime.blossom_impl, trainable_compression=hp.ltis_trainable_compression,
+                         score_pool=hp.ltis_score_pool)
         self.stis = STIS(window=hp.stis_window, sink=hp.stis_sink, dropout_p=hp.attn_dropout_prob,
                          impl=runtime.blossom_impl)
         self.gate = BranchGate(hp.hidden_size, H, hp.gate_bias_ltis, hp.gate_bias_stis)
@@ -69,7 +70,8 @@ class BlossomAttention(nn.Module):
         k = self.heads(self.key(input_tensor))
         v = self.heads(self.value(input_tensor))
         q_rot, k_rot = self.rotary(q, k)
-        ltis = self.ltis(q_rot, k_rot, v, item_seq_len, q_score=q, k_score=k)
+        q_score, k_score = (q_rot, k_rot) if self.hp.ltis_score_rope else (q, k)
+        ltis = self.ltis(q_rot, k_rot, v, item_seq_len, q_score=q_score, k_score=k_score)
         stis = self.stis(q_rot, k_rot, v, item_seq_len)
         g_ltis, g_stis = self.gate(input_tensor)
         context = (g_ltis * ltis + g_stis * stis).transpose(1, 2).flatten(2)  # (B, L, H * D)

@@ -54,6 +54,8 @@ class BlossomHParams:
     attn_dropout_prob: float = 0.2
     layer_norm_eps: float = 1e-12
     ltis_trainable_compression: bool = False
+    ltis_score_rope: bool = False  # score blocks with rotated q, k (the authors' code) instead of unrotated
+    ltis_score_pool: str = "probs"  # probs: mean of each head's probabilities; logits: mean score, one softmax
 
     @classmethod
     def from_config(cls, config):
@@ -79,7 +81,9 @@ class BlossomHParams:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {value!r}")
-        _bools(self, ("ltis_trainable_compression", "stis_sink"))
+        _bools(self, ("ltis_trainable_compression", "stis_sink", "ltis_score_rope"))
+        if self.ltis_score_pool not in ("probs", "logits"):
+            raise ValueError(f"ltis_score_pool must be one of probs, logits, got {self.ltis_score_pool!r}")
         if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) or self.rope_base <= 1:
             raise ValueError(f"rope_base must be a number > 1, got {self.rope_base!r}")
 

@@ -81,8 +81,9 @@ class LTIS(nn.Module):
     """
 
     def __init__(self, head_dim, n_kv_heads, *, block_len=32, stride=16, select_size=16, n_select=4,
-                 dropout_p=0.0, chunk_size=1024, impl="auto", trainable_compression=False):
+                 dropout_p=0.0, chunk_size=1024, impl="auto", trainable_compression=False, score_pool="probs"):
         super().__init__()
+        self.score_pool = score_pool
         self.block_len, self.stride, self.select_size, self.n_select = block_len, stride, select_size, n_select
         self.dropout_p, self.chunk_size, self.impl = dropout_p, chunk_size, impl
         self.trainable_compression = trainable_compression
@@ -113,7 +114,12 @@ class LTIS(nn.Module):
         with torch.no_grad():
             if k_cmp is None:
                 k_cmp = self.compressor(k_score.detach())
-            return select_blocks(q_score.detach(), k_cmp, self.memory_key, self.block_len, self.stride,
+            q_score = q_score.detach()
+            if self.score_pool == "logits":
+                # the mean over a kv group of q_g . k is (mean_g q_g) . k: one softmax per kv head
+                B, H, L, D = q_score.shape
+                q_score = q_score.view(B, k_cmp.shape[1], H // k_cmp.shape[1], L, D).mean(2)
+            return select_blocks(q_score, k_cmp, self.memory_key, self.block_len, self.stride,
                                  self.select_size, self.n_select, self.chunk_size, impl=self.impl)
 
     def forward(self, q, k, v, lengths=None, q_score=None, k_score=None):
@@ -136,4 +142,5 @@ class LTIS(nn.Module):
 
     def extra_repr(self):
         return (f"block_len={self.block_len}, stride={self.stride}, select_size={self.select_size}, "
-                f"n_select={self.n_select}, impl={self.impl}, trainable_compression={self.trainable_compression}")
+                f"n_select={self.n_select}, impl={self.impl}, trainable_compression={self.trainable_compression}, "
+                f"score_pool={self.score_pool}")

@@ -173,7 +173,8 @@ def layer_reference(attn: BlossomAttention, x):
     split = lambda t: t.view(B, L, -1, hp.head_dim).transpose(1, 2)  # noqa: E731
     q, k, v = split(attn.query(x)), split(attn.key(x)), split(attn.value(x))
     qr, kr = rope_reference(q, hp.rope_base), rope_reference(k, hp.rope_base)
-    ltis = dense_attention(qr, kr, v, naive_ltis_mask(q, k, attn.ltis))
+    q_score, k_score = (qr, kr) if hp.ltis_score_rope else (q, k)
+    ltis = dense_attention(qr, kr, v, naive_ltis_mask(q_score, k_score, attn.ltis))
     stis = dense_attention(qr, kr, v, naive_stis_mask(L, hp.stis_window, hp.stis_sink))
     g = torch.sigmoid(attn.gate.proj(x))  # (B, L, 2H)
     g1, g2 = g[..., : hp.n_heads].transpose(1, 2)[..., None], g[..., hp.n_heads:].transpose(1, 2)[..., None]
@@ -195,9 +196,9 @@ def small_attention(**kw):
     return attn.eval()
 
 
-@pytest.mark.parametrize("L", [9, 40, 70])
-def test_layer_matches_naive_composition(L):
-    attn = small_attention()
+@pytest.mark.parametrize("L,score_rope", [(9, False), (40, False), (70, False), (70, True)])
+def test_layer_matches_naive_composition(L, score_rope):
+    attn = small_attention(ltis_score_rope=score_rope)
     x = torch.randn(2, L, 32)
     assert rel_err(attn(x), layer_reference(attn, x)) < 1e-5
 
