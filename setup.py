@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["recbole_blossom", "recbole_blossom.model", "recbole_blossom.properties"],
+    packages=["recbole_blossom", "recbole_blossom.model", "recbole_blossom.ops", "recbole_blossom.properties"],
     package_dir={"recbole_blossom.properties": "properties"},
     package_data={"recbole_blossom.properties": ["*.yaml", "model/*.yaml", "dataset/*.yaml"]},
     py_modules=[],

@@ -267,13 +267,14 @@ def max_len_search(classes, args, device, dtype):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[50, 200, 1024, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[50, 200, 1024, 4096, 8192, 32768])
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per batch (batch = tokens // L)")
     parser.add_argument("--models", nargs="+", default=None, help="subset of the model names")
     parser.add_argument("--n-items", type=int, default=20000)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="bf16 / fp16 = autocast in that precision")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench_out", help="folder for the CSV and the plot")
     parser.add_argument("--profile", action="store_true", help="profile one training step of each model/L")
@@ -285,7 +286,7 @@ def main():
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     classes = model_classes()
     if device.type != "cuda":
         classes.pop("Blossom-fast")

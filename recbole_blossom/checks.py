@@ -10,6 +10,8 @@ import os
 
 from recbole.utils import FeatureType
 
+from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
+
 # Rows checked per atomic file; the header is always checked. Bounded so huge files cost little.
 SAMPLE_ROWS = 100_000
 ALLOWED_TYPES = tuple(t.value for t in FeatureType)
@@ -183,11 +185,11 @@ def check_atomic_files(config, max_rows=SAMPLE_ROWS):
 
 def check_model_config(config):
     """Validate the plugin's Blossom hyperparameters before any data is loaded (ValueError names the key)."""
-    from recbole_blossom.attention import BlossomHParams
     from recbole_blossom.model import MODELS
 
     if config["model"] in MODELS and config["model"].startswith("Blossom"):
         BlossomHParams.from_config(config)
+        BlossomRuntime.from_config(config)
 
 
 def check_processes(config, nproc, world_size, group_offset):

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_blossom.attention import BlossomAttention
-from recbole_blossom.ltis import select_blocks, selected_token_mask
-from recbole_blossom.stis import stis_key_index
+from recbole_blossom.hparams import BlossomRuntime
+from recbole_blossom.ops import zero_padding_rows
+from recbole_blossom.ops.naive import slot_mask
 
 
 def check_heads(hidden_size, n_heads):
@@ -141,41 +142,41 @@ def masked_linear_attention(q, k, v, allowed, scale, dropout_p=0.0, training=Fal
     return (weights @ v[:, :, None]).flatten(1, 2)
 
 
-def gathered_linear_attention(q, k, v, index, valid, scale, dropout_p=0.0, training=False):
-    """Sum of ``(q_t . k_s) * scale * v_s`` over the keys ``s = index[t, m]`` with ``valid[t, m]``.
+def slot_keys(idx, block, length):
+    """Key positions of slots (``recbole_blossom.ops``' layout): slot ``j`` of query ``t`` names positions
+    ``idx[..., t, j] * block + 0..block-1`` (``-1``: empty). ``idx (B, Hkv, L, S)`` -> ``index, valid``, both
+    ``(B, Hkv, L, S * block)``; a key is valid when its slot is and it lies at or before the query."""
+    pos = (idx.long().clamp_min(0)[..., None] * block + torch.arange(block, device=idx.device)).flatten(-2)
+    t = torch.arange(length, device=idx.device).view(length, 1)
+    valid = (idx >= 0).repeat_interleave(block, dim=-1) & (pos <= t)
+    return pos.clamp_max(length - 1), valid
 
-    q: ``(B, H, L, D)``; k, v: ``(B, Hkv, L, D)``; index, valid: ``(L, M)`` (the same keys for every
-    sequence and head) or ``(B, Hkv, L, M)``. Memory ``O(L M)``: no ``L x L`` tensor. Returns ``(B, H, L, D)``.
+
+def linear_slot_attention(q, k, v, idx, block, scale, dropout_p=0.0, training=False, dense_max_len=256):
+    """Sum of ``(q_t . k_s) * scale * v_s`` over the keys that the slots of query ``t`` name, causally.
+
+    q: ``(B, H, L, D)``; k, v: ``(B, Hkv, L, D)``; idx: int ``(B|1, Hkv|1, L, S)`` slot numbers or ``-1``;
+    block: positions per slot. Up to ``dense_max_len`` the slots are applied as an ``L x L`` mask (fewer bytes
+    there than gathering); above it the slot keys are gathered, memory ``O(L S block)``. Returns ``(B, H, L, D)``.
     """
-    B, Hkv = k.shape[:2]
-    if index.dim() == 2:
-        k_sel, v_sel = k[:, :, index], v[:, :, index]  # (B, Hkv, L, M, D)
-    else:
-        b = torch.arange(B, device=k.device).view(B, 1, 1, 1)
-        h = torch.arange(Hkv, device=k.device).view(1, Hkv, 1, 1)
-        k_sel, v_sel = k[b, h, index], v[b, h, index]
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    idx = idx.expand(B, Hkv, L, idx.shape[-1])
+    if L <= dense_max_len:
+        return masked_linear_attention(q, k, v, slot_mask(idx, block, L), scale, dropout_p, training)
+    index, valid = slot_keys(idx, block, L)  # (B, Hkv, L, M)
+    b = torch.arange(B, device=k.device).view(B, 1, 1, 1)
+    h = torch.arange(Hkv, device=k.device).view(1, Hkv, 1, 1)
+    k_sel, v_sel = k[b, h, index], v[b, h, index]  # (B, Hkv, L, M, D)
     qg = grouped(q, Hkv).transpose(2, 3)  # (B, Hkv, L, G, D)
-    weights = (qg @ k_sel.transpose(-1, -2)) * scale  # (B, Hkv, L, G, M)
-    valid = valid[:, None] if valid.dim() == 2 else valid[:, :, :, None]
-    weights = F.dropout(weights * valid.to(q.dtype), p=dropout_p, training=training)
+    weights = (qg @ k_sel.transpose(-1, -2)) * scale * valid[:, :, :, None].to(q.dtype)  # (B, Hkv, L, G, M)
+    weights = F.dropout(weights, p=dropout_p, training=training)
     return (weights @ v_sel).transpose(2, 3).flatten(1, 2)
 
 
-def selected_key_index(blocks, valid, select_size, length):
-    """Key positions of LTIS selections: ``(B, Hkv, L, S)`` blocks -> ``index, valid`` ``(B, Hkv, L, S * select_size)``.
-
-    A key is valid when its block is and it is at or before the query (causal inside the query's own block).
-    """
-    offsets = torch.arange(select_size, device=blocks.device)
-    pos = (blocks[..., None] * select_size + offsets).flatten(-2)
-    t = torch.arange(length, device=blocks.device).view(1, 1, length, 1)
-    keep = valid.repeat_interleave(select_size, dim=-1) & (pos <= t)
-    return pos.clamp_max(length - 1), keep
-
-
-def check_blossom_linrec(hp):
+def check_blossom_linrec(hp, runtime):
     """Raise ``ValueError`` naming the key for a Blossom setting that BlossomLinRec does not have."""
-    if hp.blossom_impl == "fast":
+    if runtime.blossom_impl == "fast":
         raise ValueError("blossom_impl: fast is not available for BlossomLinRec (it has only the PyTorch path); "
                          "use blossom_impl: auto or torch")
     if hp.ltis_trainable_compression:
@@ -188,61 +189,44 @@ class BlossomLinRecAttention(BlossomAttention):
     ``forward(input_tensor (B, L, hidden), item_seq_len (B,)) -> (B, L, hidden)``:
     ``LayerNorm(dropout(W_o [g_ltis * LTIS + g_stis * STIS]) + input_tensor)`` where both branches sum
     ``phi_n(q_t) . phi_n(k_s) / sqrt(d) * v_s`` over their key sets (no softmax), with ``phi_n`` LinRec's
-    normalised ELU features and RoPE applied after it (a rotation keeps the unit norms). LTIS keys: the
-    ``n_slc_blocks`` selection blocks that Blossom's block scoring picks (``BlossomAttention``'s frozen
-    compression, scored with the unrotated projections) plus the query's own block, causally; STIS keys:
-    ``stis_key_index``. Padded query rows are zero. The parameters are ``BlossomAttention``'s.
+    normalised ELU features and RoPE applied after it (a rotation keeps the unit norms). LTIS keys: the blocks
+    ``BlossomAttention``'s LTIS selects (``LTIS.select``: its frozen compression, scoring options and
+    selection rule) plus the query's own block, causally; STIS keys: ``recbole_blossom.stis.stis_slots``.
+    Padded query rows are zero. The parameters are ``BlossomAttention``'s.
 
     PyTorch only (no fused kernels): ``blossom_impl`` must be ``auto`` or ``torch``. Up to ``dense_max_len``
-    the LTIS selection is applied as an ``L x L`` mask (fewer bytes than gathering
-    ``(n_slc_blocks + 1) * slc_block_size`` keys per query there); above it the selected keys are gathered
-    (memory linear in ``L``), as ``recbole_blossom.ltis.selected_block_attention`` does.
+    the key sets are applied as ``L x L`` masks, above it gathered (memory linear in ``L``).
     """
 
     dense_max_len = 256
 
-    def __init__(self, hp):
-        check_blossom_linrec(hp)
-        super().__init__(hp)
+    def __init__(self, hp, runtime=None):
+        runtime = BlossomRuntime() if runtime is None else runtime
+        check_blossom_linrec(hp, runtime)
+        super().__init__(hp, runtime)
 
-    def ltis_blocks(self, q, k):
-        """Blossom's block selection from the unrotated projections: ``blocks, valid`` ``(B, Hkv, L, S)``."""
-        hp = self.hp
-        with torch.no_grad():
-            k_cmp = self.ltis.compressor(k.detach())
-        return select_blocks(q.detach(), k_cmp, self.ltis.memory_key, hp.cmp_block_len, hp.cmp_stride,
-                             hp.slc_block_size, hp.n_slc_blocks, hp.ltis_chunk_size)
-
-    def ltis_branch(self, q, k, v, q_raw, k_raw):
-        """LTIS branch on features ``q (B, H, L, D)``, ``k, v (B, Hkv, L, D)``; blocks picked with the raw ones."""
-        hp, L = self.hp, q.shape[2]
-        p = hp.attn_dropout_prob
-        scale = 1.0 / math.sqrt(hp.head_dim)
-        if -(-L // hp.slc_block_size) - 1 <= hp.n_slc_blocks:
-            # every query selects all of its past blocks: LTIS is causal over every key
-            causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-            return masked_linear_attention(q, k, v, causal, scale, p, self.training)
-        blocks, valid = self.ltis_blocks(q_raw, k_raw)
-        if L <= self.dense_max_len:
-            allowed = selected_token_mask(blocks, valid, L, hp.slc_block_size)  # (B, Hkv, L, L)
-            return masked_linear_attention(q, k, v, allowed, scale, p, self.training)
-        index, keep = selected_key_index(blocks, valid, hp.slc_block_size, L)
-        return gathered_linear_attention(q, k, v, index, keep, scale, p, self.training)
-
-    def stis_branch(self, q, k, v):
-        """STIS branch: the fixed relative key set of :func:`recbole_blossom.stis.stis_key_index`."""
-        index, valid = stis_key_index(q.shape[2], self.hp.stis_window, self.hp.stis_sink, device=q.device)
-        return gathered_linear_attention(q, k, v, index, valid, 1.0 / math.sqrt(self.hp.head_dim),
-                                         self.hp.attn_dropout_prob, self.training)
+    def ltis_slots(self, q_raw, k_raw):
+        """``(B, Hkv, L, n_slc_blocks + 1)`` selected blocks, chosen exactly as ``BlossomAttention`` chooses them
+        (unrotated projections unless ``ltis_score_rope``)."""
+        q_score, k_score = self.rotary(q_raw, k_raw) if self.hp.ltis_score_rope else (q_raw, k_raw)
+        return self.ltis.select(q_score, k_score)
 
     def forward(self, input_tensor, item_seq_len=None):
+        hp = self.hp
         q_raw = self.heads(self.query(input_tensor))
         k_raw = self.heads(self.key(input_tensor))
         v = self.heads(self.value(input_tensor))
         q, k = self.rotary(normalized_features(q_raw), normalized_features(k_raw))
+        L, scale, p = q.shape[2], 1.0 / math.sqrt(hp.head_dim), hp.attn_dropout_prob
+        if self.ltis.selects_all(L):  # every query keeps all of its past blocks: LTIS is causal over every key
+            causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+            ltis = masked_linear_attention(q, k, v, causal, scale, p, self.training)
+        else:
+            ltis = linear_slot_attention(q, k, v, self.ltis_slots(q_raw, k_raw), hp.slc_block_size, scale, p,
+                                         self.training, self.dense_max_len)
+        stis = linear_slot_attention(q, k, v, self.stis.slots(L, q.device), 1, scale, p, self.training,
+                                     self.dense_max_len)
         g_ltis, g_stis = self.gate(input_tensor)
-        context = g_ltis * self.ltis_branch(q, k, v, q_raw, k_raw) + g_stis * self.stis_branch(q, k, v)
-        if item_seq_len is not None:  # (B, H, L, D): padded query rows to zero
-            context = context * real_positions(item_seq_len, context.shape[2], context.device)[:, None, :, None]
+        context = zero_padding_rows(g_ltis * ltis + g_stis * stis, item_seq_len)  # (B, H, L, D)
         hidden_states = self.out_dropout(self.dense(context.transpose(1, 2).flatten(2)))
         return self.LayerNorm(hidden_states + input_tensor)

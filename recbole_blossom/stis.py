@@ -2,17 +2,14 @@
 
 Query ``t`` attends causally to a fixed, sparse set of keys: the ``window`` most recent positions
 (``t, t-1, ..., t-window+1``), the positions at power-of-two distances (``t-1, t-2, t-4, ...``) and a sink
-position (``0``). The keys sit at fixed relative offsets, so they are gathered, never masked out of an
-``L x L`` matrix: cost and memory are ``O(L * (window + log2 L))``.
+position (``0``), each once. The keys sit at fixed relative offsets, so they are named as single-position
+slots of :func:`recbole_blossom.ops.gathered_attention`: cost and memory ``O(L * (window + log2 L))``.
 """
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from recbole_blossom.fast import fast_stis_attention, use_fast
+from recbole_blossom.ops import gathered_attention
 
 
 def stis_offsets(length, window):
@@ -39,49 +36,33 @@ def stis_key_index(length, window, sink=True, device=None):
     return index.clamp_min(0), valid
 
 
-def zero_padding_rows(out, lengths):
-    """Zero the rows of ``out`` ``(B, H, L, D)`` at positions ``>= lengths`` ``(B,)``; no-op for None."""
-    if lengths is None:
-        return out
-    keep = torch.arange(out.shape[2], device=out.device)[None, :] < lengths[:, None]
-    return out * keep[:, None, :, None].to(out.dtype)
-
-
-def stis_attention(q, k, v, lengths=None, window=8, sink=True, dropout_p=0.0, training=False, scale=None):
-    """Short-term sparse causal attention.
-
-    Args:
-        q: ``(B, H, L, D)`` queries; k, v: ``(B, Hkv, L, D)`` keys and values, ``H`` a multiple of ``Hkv``.
-        lengths: ``(B,)`` valid lengths (items left-aligned, padding at the end) or None.
-    Returns:
-        ``(B, H, L, D)``; rows at positions ``>= lengths`` are zero.
-    """
-    B, H, L, D = q.shape
-    Hkv = k.shape[1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    index, valid = stis_key_index(L, window, sink, device=q.device)  # (L, M)
-    k_sel = k[:, :, index]  # (B, Hkv, L, M, D)
-    v_sel = v[:, :, index]
-    qg = q.view(B, Hkv, H // Hkv, L, D).transpose(2, 3)  # (B, Hkv, L, G, D)
-    scores = (qg @ k_sel.transpose(-1, -2)) * scale  # (B, Hkv, L, G, M)
-    scores = scores.masked_fill(~valid[:, None], float("-inf"))
-    probs = scores.float().softmax(dim=-1).to(q.dtype)
-    if dropout_p > 0.0 and training:
-        probs = F.dropout(probs, p=dropout_p)
-    out = (probs @ v_sel).transpose(2, 3).reshape(B, H, L, D)
-    return zero_padding_rows(out, lengths)
+def stis_slots(length, window, sink=True, device=None):
+    """``(1, 1, L, M)`` int32 single-position slots of every query (``-1``: none), shared by the batch."""
+    index, valid = stis_key_index(length, window, sink, device)
+    return torch.where(valid, index, -1).to(torch.int32)[None, None]
 
 
 class STIS(nn.Module):
-    """Short-term interest selection branch (no parameters); see :func:`stis_attention`."""
+    """Short-term interest selection branch (no parameters).
 
-    def __init__(self, window=8, sink=True, dropout_p=0.0, impl="auto"):
+    ``forward(q, k, v, lengths)``: q ``(B, H, L, D)``, k/v ``(B, Hkv, L, D)``, lengths ``(B,)`` or None ->
+    ``(B, H, L, D)``, rows at positions ``>= lengths`` zero.
+    """
+
+    def __init__(self, *, window=8, sink=True, dropout_p=0.0, impl="auto"):
         super().__init__()
         self.window, self.sink, self.dropout_p, self.impl = window, sink, dropout_p, impl
+        self._slots = {}  # (L, device) -> slots: the pattern depends on L only
+
+    def slots(self, length, device):
+        key = (length, str(device))
+        if key not in self._slots:
+            self._slots[key] = stis_slots(length, self.window, self.sink, device)
+        return self._slots[key]
 
     def forward(self, q, k, v, lengths=None):
-        attend = fast_stis_attention if use_fast(self.impl, q) else stis_attention
-        return attend(q, k, v, lengths, self.window, self.sink, self.dropout_p, self.training)
+        return gathered_attention(q, k, v, self.slots(q.shape[2], q.device), 1, lengths, self.dropout_p,
+                                  self.training, impl=self.impl)
 
     def extra_repr(self):
         return f"window={self.window}, sink={self.sink}, impl={self.impl}"

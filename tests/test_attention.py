@@ -6,10 +6,16 @@ import pytest
 import torch
 
 import recbole_blossom  # noqa: F401  (applies the compatibility shims)
-from recbole_blossom.attention import BlossomAttention, BlossomHParams
-from recbole_blossom.ltis import LTIS, select_blocks, selected_block_attention
+from recbole_blossom.attention import BlossomAttention
+from recbole_blossom.hparams import BlossomHParams
+from recbole_blossom.ltis import LTIS
+from recbole_blossom.ops import naive
 from recbole_blossom.rotary import RotaryEmbedding
-from recbole_blossom.stis import stis_attention
+from recbole_blossom.stis import STIS
+
+
+def stis_attention(q, k, v, lengths=None, window=8, sink=True):
+    return STIS(window=window, sink=sink)(q, k, v, lengths)
 
 LENGTHS = [1, 5, 16, 31, 33, 50, 77]
 
@@ -55,10 +61,13 @@ def naive_ltis_mask(q, k, ltis: LTIS):
         p = qk.softmax(-1)[..., 1:].view(B, Hkv, H // Hkv, -1).mean(2)  # (B, Hkv, V)
         own = t // ls
         slc = torch.zeros(B, Hkv, n_slc)
+        count = [0] * n_slc
         for col, i in enumerate(visible):
             for j in range(n_slc):
                 if starts[i] < (j + 1) * ls and j * ls < starts[i] + l:
                     slc[..., j] += p[..., col]
+                    count[j] += 1
+        slc = slc / torch.tensor([max(c, 1) for c in count], dtype=slc.dtype)  # mean, not sum
         candidates = list(range(own))
         for b in range(B):
             for h in range(Hkv):
@@ -108,11 +117,13 @@ def test_ltis_gather_path_equals_dense_path(L):
     torch.manual_seed(0)
     ltis = LTIS(head_dim=8, n_kv_heads=2, n_select=2)
     q, k, v = qkv(2, 4, 2, L, 8, seed=1)
-    k_cmp = ltis.compressor(k)
-    blocks, valid = select_blocks(q, k_cmp, ltis.memory_key, 32, 16, 16, 2, chunk_size=7)
-    dense = selected_block_attention(q, k, v, blocks, valid, 16, dense_max_len=10**9)
-    gather = selected_block_attention(q, k, v, blocks, valid, 16, dense_max_len=0)
+    idx = naive.select_blocks(q, ltis.compressor(k), ltis.memory_key, 32, 16, 16, 2, chunk_size=7)
+    lengths = torch.tensor([L, L // 3])
+    dense = naive.gathered_attention(q, k, v, idx, 16, lengths, dense_max_len=10**9)
+    gather = naive.gathered_attention(q, k, v, idx, 16, lengths, dense_max_len=0)
     assert rel_err(gather, dense) < 1e-5
+    stis = naive.gathered_attention(q, k, v, STIS().slots(L, "cpu"), 1, lengths, dense_max_len=0)
+    assert rel_err(stis, stis_attention(q, k, v, lengths)) < 1e-5
 
 
 def test_block_selection_does_not_depend_on_chunk_size():
@@ -120,12 +131,15 @@ def test_block_selection_does_not_depend_on_chunk_size():
     ltis = LTIS(head_dim=8, n_kv_heads=2)
     q, k, _ = qkv(2, 4, 2, 200, 8)
     k_cmp = ltis.compressor(k)
-    a = select_blocks(q, k_cmp, ltis.memory_key, 32, 16, 16, 4, chunk_size=1024)
-    b = select_blocks(q, k_cmp, ltis.memory_key, 32, 16, 16, 4, chunk_size=13)
-    assert torch.equal(a[0][a[1]], b[0][b[1]]) and torch.equal(a[1], b[1])
-    # at most n_select past blocks plus the own block, all distinct and not after the query's block
+    a = naive.select_blocks(q, k_cmp, ltis.memory_key, 32, 16, 16, 4, chunk_size=1024)
+    b = naive.select_blocks(q, k_cmp, ltis.memory_key, 32, 16, 16, 4, chunk_size=13)
+    assert torch.equal(a, b)
+    # n_select distinct past blocks (fewer only while fewer exist), then the own block
     own = torch.arange(200) // 16
-    assert bool((a[0][..., :-1] < own[:, None]).logical_or(~a[1][..., :-1]).all())
+    assert torch.equal(a[..., -1], own.to(a.dtype).expand_as(a[..., -1]))
+    past = a[..., :-1]
+    assert bool(((past >= 0) & (past < own[:, None])).sum(-1).eq(own.clamp(max=4)).all())
+    assert bool((past.sort(-1).values.diff(dim=-1)[past.sort(-1).values[..., 1:] >= 0] > 0).all())
 
 
 def rope_reference(x, base=10000.0):
@@ -159,7 +173,8 @@ def layer_reference(attn: BlossomAttention, x):
     split = lambda t: t.view(B, L, -1, hp.head_dim).transpose(1, 2)  # noqa: E731
     q, k, v = split(attn.query(x)), split(attn.key(x)), split(attn.value(x))
     qr, kr = rope_reference(q, hp.rope_base), rope_reference(k, hp.rope_base)
-    ltis = dense_attention(qr, kr, v, naive_ltis_mask(q, k, attn.ltis))
+    q_score, k_score = (qr, kr) if hp.ltis_score_rope else (q, k)
+    ltis = dense_attention(qr, kr, v, naive_ltis_mask(q_score, k_score, attn.ltis))
     stis = dense_attention(qr, kr, v, naive_stis_mask(L, hp.stis_window, hp.stis_sink))
     g = torch.sigmoid(attn.gate.proj(x))  # (B, L, 2H)
     g1, g2 = g[..., : hp.n_heads].transpose(1, 2)[..., None], g[..., hp.n_heads:].transpose(1, 2)[..., None]
@@ -167,8 +182,12 @@ def layer_reference(attn: BlossomAttention, x):
     return attn.LayerNorm(attn.dense(ctx) + x)
 
 
+SMALL_BLOCKS = dict(cmp_block_len=8, cmp_stride=4, slc_block_size=4, n_slc_blocks=2)  # LTIS selects from L = 13
+
+
 def small_attention(**kw):
-    params = dict(hidden_size=32, n_heads=4, n_kv_heads=2, hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
+    params = dict(hidden_size=32, n_heads=4, n_kv_heads=2, hidden_dropout_prob=0.0, attn_dropout_prob=0.0,
+                  **SMALL_BLOCKS)
     params.update(kw)
     torch.manual_seed(0)
     attn = BlossomAttention(BlossomHParams(**params))
@@ -177,11 +196,60 @@ def small_attention(**kw):
     return attn.eval()
 
 
-@pytest.mark.parametrize("L", [9, 40, 70])
-def test_layer_matches_naive_composition(L):
-    attn = small_attention()
+@pytest.mark.parametrize("L,score_rope", [(9, False), (40, False), (70, False), (70, True)])
+def test_layer_matches_naive_composition(L, score_rope):
+    attn = small_attention(ltis_score_rope=score_rope)
     x = torch.randn(2, L, 32)
     assert rel_err(attn(x), layer_reference(attn, x)) < 1e-5
+
+
+def test_layer_matches_naive_composition_at_reference_sizes():
+    """Reference sizes (hidden 128, 8 heads, 2 kv heads, blocks 32/16/16, top 4) at L = 200: 13 selection
+    blocks, so most queries choose 4 of up to 12 past blocks."""
+    attn = small_attention(hidden_size=128, n_heads=8, n_kv_heads=2, cmp_block_len=32, cmp_stride=16,
+                           slc_block_size=16, n_slc_blocks=4)
+    torch.nn.init.normal_(attn.query.weight, std=0.1)
+    torch.nn.init.normal_(attn.key.weight, std=0.1)
+    x = torch.randn(1, 200, 128)
+    assert rel_err(attn(x), layer_reference(attn, x)) < 1e-5
+
+
+def test_selection_is_active_where_tested():
+    """The LTIS pattern of the tests above is not causal attention: some queries skip past blocks."""
+    for L, kw in ((70, SMALL_BLOCKS), (200, {})):
+        ltis = small_attention(**kw).ltis
+        q, k, v = qkv(1, 4, 2, L, 8, seed=5)
+        mask = naive_ltis_mask(q, k, ltis)
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        assert (mask != causal).sum() > L, L
+        assert rel_err(ltis(q, k, v), dense_attention(q, k, v, causal[None, None])) > 1e-2
+
+
+@pytest.mark.parametrize("L", [200, 512])
+def test_every_past_block_competes_fairly(L):
+    """Over random inputs (reference sizes), each past block -- block 0 and the one just before the query's
+    own block included -- is chosen at a rate within a factor of 2 of the uniform share n_select / o."""
+    torch.manual_seed(0)
+    ltis = LTIS(head_dim=16, n_kv_heads=2)
+    own = torch.arange(L) // 16
+    n_slc = int(own[-1]) + 1
+    chosen = torch.zeros(L, n_slc)
+    trials = 0
+    for rep in range(2):
+        q, k, _ = qkv(16, 8, 2, L, 16, seed=rep)
+        idx = ltis.select(q, k).long()[..., :-1]  # (B, Hkv, L, 4) past blocks
+        hits = torch.zeros(16, 2, L, n_slc + 1).scatter_(-1, torch.where(idx >= 0, idx, n_slc), 1.0)
+        chosen += hits[..., :n_slc].sum((0, 1))
+        trials += 32
+    rows = own > 4  # queries with more past blocks than they may pick
+    rate = chosen[rows] / trials
+    uniform = 4.0 / own[rows].float()
+    for block in range(n_slc - 1):
+        past = own[rows] > block
+        ratio = (rate[past, block] / uniform[past]).mean().item()
+        assert 0.5 <= ratio <= 2.0, (block, ratio)
+    latest = (rate[torch.arange(rate.shape[0]), own[rows] - 1] / uniform).mean().item()
+    assert 0.5 <= latest <= 2.0, latest
 
 
 def test_gate_bias_initialisation():

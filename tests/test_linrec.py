@@ -11,14 +11,21 @@ from memory_probe import LargestTensor
 from tiny_runs import TINY
 
 import recbole_blossom
-from recbole_blossom import BlossomConfig, BlossomHParams, BlossomLinRec, BlossomSASRec, LinRec, get_model_class
+from recbole_blossom import (
+    BlossomConfig,
+    BlossomHParams,
+    BlossomLinRec,
+    BlossomRuntime,
+    BlossomSASRec,
+    LinRec,
+    get_model_class,
+)
 from recbole_blossom.linear_attention import (
     BlossomLinRecAttention,
     LinRecAttention,
     causal_linrec_attention,
     linrec_attention,
 )
-from recbole_blossom.ltis import select_blocks, selected_token_mask
 from recbole_blossom.quick_start import _prepare
 from recbole_blossom.stis import stis_key_index
 
@@ -52,18 +59,13 @@ def naive_blossom_linrec(layer, x, lengths):
     """BlossomLinRec's layer written from its description: explicit key sets, explicit sums, no softmax."""
     hp = layer.hp
     B, L, _ = x.shape
-    H, Hkv, D = hp.n_heads, hp.n_kv_heads, hp.head_dim
+    H, Hkv, D, bs = hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.slc_block_size
     q_raw = layer.query(x).view(B, L, H, D).transpose(1, 2)
     k_raw = layer.key(x).view(B, L, Hkv, D).transpose(1, 2)
     v = layer.value(x).view(B, L, Hkv, D).transpose(1, 2)
     q, k = layer.rotary(features(q_raw), features(k_raw))
-    n_slc = math.ceil(L / hp.slc_block_size)
-    if n_slc - 1 <= hp.n_slc_blocks:
-        ltis_keys = torch.ones(B, Hkv, L, L, dtype=torch.bool).tril()
-    else:
-        blocks, valid = select_blocks(q_raw, layer.ltis.compressor(k_raw), layer.ltis.memory_key, hp.cmp_block_len,
-                                      hp.cmp_stride, hp.slc_block_size, hp.n_slc_blocks)
-        ltis_keys = selected_token_mask(blocks, valid, L, hp.slc_block_size)
+    selects_all = math.ceil(L / bs) - 1 <= hp.n_slc_blocks
+    blocks = None if selects_all else layer.ltis_slots(q_raw, k_raw)  # Blossom's own block choice
     index, valid = stis_key_index(L, hp.stis_window, hp.stis_sink)
     gate = torch.sigmoid(layer.gate.proj(x))  # (B, L, 2H)
     context = torch.zeros(B, L, H, D, dtype=x.dtype)
@@ -71,10 +73,14 @@ def naive_blossom_linrec(layer, x, lengths):
         for h in range(H):
             kv = h // (H // Hkv)
             for t in range(int(lengths[b])):
-                branches = []
-                for keys in ([s for s in range(L) if ltis_keys[b, kv, t, s]],
-                             sorted({int(s) for s, ok in zip(index[t], valid[t]) if ok})):
-                    branches.append(sum((q[b, h, t] @ k[b, kv, s]) / math.sqrt(D) * v[b, kv, s] for s in keys))
+                if selects_all:
+                    ltis_keys = range(t + 1)
+                else:
+                    ltis_keys = [s for j in blocks[b, kv, t].tolist() if j >= 0
+                                 for s in range(j * bs, (j + 1) * bs) if s <= t]
+                stis_keys = sorted({int(s) for s, ok in zip(index[t], valid[t]) if ok})
+                branches = [sum((q[b, h, t] @ k[b, kv, s]) / math.sqrt(D) * v[b, kv, s] for s in keys)
+                            for keys in (ltis_keys, stis_keys)]
                 context[b, t, h] = gate[b, t, h] * branches[0] + gate[b, t, H + h] * branches[1]
     return layer.LayerNorm(layer.dense(context.flatten(2)) + x)
 
@@ -146,15 +152,14 @@ def test_blossom_linrec_layer_matches_naive_reference(L, lengths, dense_max_len)
         expected = naive_blossom_linrec(layer, x, lengths)
     real = torch.arange(L)[None, :] < lengths[:, None]
     assert torch.allclose(got[real], expected[real], atol=1e-10)
-    if L == 24:  # the test exercises selection: some past keys are left out of LTIS
-        blocks, valid = select_blocks(layer.heads(layer.query(x)), layer.ltis.compressor(layer.heads(layer.key(x))),
-                                      layer.ltis.memory_key, 4, 2, 2, 2)
-        assert not selected_token_mask(blocks, valid, L, 2).all(-1)[..., L - 1].any()
+    if L == 24:  # the test exercises selection: the last query keeps 2 of its 11 past blocks
+        slots = layer.ltis_slots(layer.heads(layer.query(x)), layer.heads(layer.key(x)))
+        assert slots.shape[-1] == 3 and (slots[:, :, L - 1, :2] >= 0).all() and (slots[:, :, L - 1, :2] < 11).all()
 
 
 def test_blossom_linrec_rejects_what_it_does_not_have():
     with pytest.raises(ValueError, match="blossom_impl: fast is not available for BlossomLinRec"):
-        BlossomLinRecAttention(blossom_hp(blossom_impl="fast"))
+        BlossomLinRecAttention(blossom_hp(), BlossomRuntime(blossom_impl="fast"))
     with pytest.raises(ValueError, match="ltis_trainable_compression"):
         BlossomLinRecAttention(blossom_hp(ltis_trainable_compression=True))
 
@@ -163,8 +168,8 @@ def test_blossom_linrec_rejects_what_it_does_not_have():
 def test_attention_memory_grows_linearly_with_length(kind):
     hidden = 8
     if kind == "blossom":  # LTIS selecting (2 of L/4 blocks), block scores in chunks of 32 queries
-        layer = BlossomLinRecAttention(blossom_hp(hidden_size=hidden, n_heads=2, n_kv_heads=1, ltis_chunk_size=32,
-                                                  cmp_block_len=8, cmp_stride=4, slc_block_size=4))
+        layer = BlossomLinRecAttention(blossom_hp(hidden_size=hidden, n_heads=2, n_kv_heads=1, cmp_block_len=8,
+                                                  cmp_stride=4, slc_block_size=4), BlossomRuntime(ltis_chunk_size=32))
         layer.dense_max_len = 128  # the gathered form, used above this length
     else:
         layer = LinRecAttention(n_heads=2, hidden_size=hidden, hidden_dropout_prob=0.0, attn_dropout_prob=0.0,

@@ -1,6 +1,6 @@
 """BlossomLinRec: LinRec's normalised linear attention inside BlossomRec's sparse patterns."""
 
-from recbole_blossom.attention import BlossomHParams
+from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
 from recbole_blossom.linear_attention import BlossomLinRecAttention, check_blossom_linrec
 from recbole_blossom.model.base import AttentionSASRec
 
@@ -19,7 +19,7 @@ class BlossomLinRec(AttentionSASRec):
     @classmethod
     def check_config(cls, config):
         super().check_config(config)
-        check_blossom_linrec(BlossomHParams.from_config(config))
+        check_blossom_linrec(BlossomHParams.from_config(config), BlossomRuntime.from_config(config))
 
     def build_attention(self, config):
-        return BlossomLinRecAttention(BlossomHParams.from_config(config))
+        return BlossomLinRecAttention(BlossomHParams.from_config(config), BlossomRuntime.from_config(config))

@@ -1,6 +1,7 @@
 """BlossomSASRec: RecBole's SASRec with BlossomRec attention."""
 
-from recbole_blossom.attention import BlossomAttention, BlossomHParams
+from recbole_blossom.attention import BlossomAttention
+from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
 from recbole_blossom.model.base import AttentionSASRec
 
 
@@ -19,6 +20,7 @@ class BlossomSASRec(AttentionSASRec):
     def check_config(cls, config):
         super().check_config(config)
         BlossomHParams.from_config(config)
+        BlossomRuntime.from_config(config)
 
     def build_attention(self, config):
-        return BlossomAttention(BlossomHParams.from_config(config))
+        return BlossomAttention(BlossomHParams.from_config(config), BlossomRuntime.from_config(config))

@@ -1,0 +1,71 @@
+"""Microbenchmark of Blossom's attention primitives on one GPU: the fused block selection and the gathered
+attention (forward + backward) of each branch, per call, at the reference sizes.
+
+    python benchmarks/kernels.py --lengths 8192 --tokens 65536
+"""
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recbole_blossom.ltis import num_compressed_blocks  # noqa: E402
+from recbole_blossom.ops import parallel  # noqa: E402
+from recbole_blossom.stis import stis_slots  # noqa: E402
+
+
+def bench(fn, warmup=3, repeats=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--sweep", action="store_true", help="also sweep the selection kernel's tile sizes")
+    args = parser.parse_args()
+    H, Hkv, D = 8, 2, 16
+    print(f"device: {torch.cuda.get_device_name()} | triton {parallel.triton.__version__}")
+    for L, dtype in itertools.product(args.lengths, (torch.float32, torch.bfloat16)):
+        B = max(1, args.tokens // L)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(B, H, L, D, device="cuda", generator=gen).to(dtype)
+        k, v = (torch.randn(B, Hkv, L, D, device="cuda", generator=gen).to(dtype) for _ in range(2))
+        k_cmp = torch.randn(B, Hkv, num_compressed_blocks(L, 32, 16), D, device="cuda", generator=gen).to(dtype)
+        mem = torch.randn(Hkv, D, device="cuda")
+        configs = [dict()]
+        if args.sweep:
+            configs = [dict(bt=bt, bc=bc, precision=p, num_warps=w) for bt, bc, p, w in itertools.product(
+                (32, 64), (32, 64), ("ieee", "tf32"), (4, 8))]
+        for cfg in configs:
+            ms = bench(lambda: parallel.select_blocks(q, k_cmp, mem, 32, 16, 16, 4, **cfg))
+            print(f"L={L:6d} B={B:4d} {str(dtype)[6:]:8s} select {cfg or 'default'}: {ms:.3f} ms", flush=True)
+        idx = parallel.select_blocks(q, k_cmp, mem, 32, 16, 16, 4)
+        slots = stis_slots(L, 8, True, "cuda")
+        dout = torch.randn_like(q)
+        for name, ix, blk in (("ltis", idx, 16), ("stis", slots, 1)):
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            fwd = bench(lambda: parallel.gathered_attention(*leaves, ix, blk))
+
+            def step():
+                parallel.gathered_attention(*leaves, ix, blk).backward(dout)
+            both = bench(step)
+            print(f"L={L:6d} B={B:4d} {str(dtype)[6:]:8s} {name} attention fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""BlossomRec's hyperparameter schema: the model's math (:class:`BlossomHParams`) and how it is computed
+(:class:`BlossomRuntime`). The config keys are the field names; the defaults are the public reference
+settings and live here only (``properties/model/*.yaml`` repeat them for RecBole's config system, and a
+test keeps them equal)."""
+
+from dataclasses import dataclass, fields
+
+IMPLS = ("auto", "torch", "fast")  # blossom_impl: pick by device, force PyTorch, force the Triton kernels
+
+
+def _keys(config):
+    return config if isinstance(config, dict) else config.final_config_dict  # dict or recbole Config
+
+
+def _read(cls, config):
+    """An instance of dataclass ``cls`` from a RecBole ``Config`` or dict; missing/None keys keep defaults."""
+    keys = _keys(config)
+    values = {f.name: keys[f.name] for f in fields(cls) if keys.get(f.name) is not None}
+    params = cls(**values)
+    params.validate()
+    return params
+
+
+def _positive_ints(obj, names):
+    for key in names:
+        value = getattr(obj, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _bools(obj, names):
+    for key in names:
+        if not isinstance(getattr(obj, key), bool):
+            raise ValueError(f"{key} must be true or false, got {getattr(obj, key)!r}")
+
+
+@dataclass
+class BlossomHParams:
+    """What a Blossom attention layer computes; the names are the config keys."""
+
+    hidden_size: int = 128
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    cmp_block_len: int = 32
+    cmp_stride: int = 16
+    slc_block_size: int = 16
+    n_slc_blocks: int = 4
+    stis_window: int = 8
+    stis_sink: bool = True
+    gate_bias_ltis: float = -2.0
+    gate_bias_stis: float = 2.0
+    rope_base: float = 10000.0
+    hidden_dropout_prob: float = 0.2
+    attn_dropout_prob: float = 0.2
+    layer_norm_eps: float = 1e-12
+    ltis_trainable_compression: bool = False
+    ltis_score_rope: bool = False  # score blocks with rotated q, k (the authors' code) instead of unrotated
+    ltis_score_pool: str = "probs"  # probs: mean of each head's probabilities; logits: mean score, one softmax
+
+    @classmethod
+    def from_config(cls, config):
+        """Read every field from a RecBole ``Config`` (or dict); a missing key keeps its default."""
+        return _read(cls, config)
+
+    def validate(self):
+        """Raise ``ValueError`` naming the key and what is allowed."""
+        _positive_ints(self, ("hidden_size", "n_heads", "n_kv_heads", "cmp_block_len", "cmp_stride",
+                              "slc_block_size", "n_slc_blocks", "stis_window"))
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})")
+        if (self.hidden_size // self.n_heads) % 2:
+            raise ValueError(f"hidden_size / n_heads must be even for RoPE, got {self.hidden_size // self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.cmp_block_len < self.cmp_stride:
+            raise ValueError(f"cmp_block_len ({self.cmp_block_len}) must be >= cmp_stride ({self.cmp_stride})")
+        if self.slc_block_size % self.cmp_stride:
+            raise ValueError(
+                f"slc_block_size ({self.slc_block_size}) must be a multiple of cmp_stride ({self.cmp_stride})")
+        for key in ("hidden_dropout_prob", "attn_dropout_prob"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+        _bools(self, ("ltis_trainable_compression", "stis_sink", "ltis_score_rope"))
+        if self.ltis_score_pool not in ("probs", "logits"):
+            raise ValueError(f"ltis_score_pool must be one of probs, logits, got {self.ltis_score_pool!r}")
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) or self.rope_base <= 1:
+            raise ValueError(f"rope_base must be a number > 1, got {self.rope_base!r}")
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.n_heads
+
+
+@dataclass
+class BlossomRuntime:
+    """How Blossom attention is computed; the result does not depend on these (up to rounding)."""
+
+    blossom_impl: str = "auto"  # auto: Triton kernels on CUDA, PyTorch elsewhere; torch / fast force one
+    ltis_chunk_size: int = 1024  # queries scored at once by the PyTorch block selection (bounds its memory)
+
+    @classmethod
+    def from_config(cls, config):
+        return _read(cls, config)
+
+    def validate(self):
+        _positive_ints(self, ("ltis_chunk_size",))
+        if self.blossom_impl not in IMPLS:
+            raise ValueError(f"blossom_impl must be one of {', '.join(IMPLS)}, got {self.blossom_impl!r}")

@@ -1,0 +1,43 @@
+"""Blossom's attention primitives, each a pair with one signature: a pure PyTorch reference
+(:mod:`.naive`) and Triton kernels (:mod:`.parallel`). The functions here pick one by ``impl``
+(``auto`` | ``torch`` | ``fast``) and the tensor's device and dtype."""
+
+import torch
+
+from recbole_blossom.ops import naive, parallel
+from recbole_blossom.ops.naive import causal_attention, zero_padding_rows  # noqa: F401  (the ops' public API)
+
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def use_fast(impl, x):
+    """Whether to run the Triton kernels on tensor ``x`` under ``blossom_impl = impl``.
+
+    ``auto``: on a CUDA tensor of a supported dtype when Triton is there, else PyTorch; ``torch``: always
+    PyTorch; ``fast``: always the kernels (a clear error where they cannot run).
+    """
+    if impl == "torch":
+        return False
+    if impl not in ("auto", "fast"):
+        raise ValueError(f"blossom_impl must be one of auto, torch, fast; got {impl!r}")
+    ok = parallel.triton is not None and x.is_cuda and x.dtype in FAST_DTYPES
+    if impl == "fast" and not ok:
+        raise RuntimeError(
+            f"blossom_impl='fast' needs Triton and a CUDA tensor of dtype float32, bfloat16 or float16; got "
+            f"device={x.device}, dtype={x.dtype}, triton={'yes' if parallel.triton is not None else 'missing'}. "
+            "Use blossom_impl='auto' or 'torch'.")
+    return ok
+
+
+def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None,
+                  impl="auto"):
+    """LTIS block selection; see :func:`recbole_blossom.ops.naive.select_blocks`."""
+    fn = parallel.select_blocks if use_fast(impl, q) else naive.select_blocks
+    return fn(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size, scale)
+
+
+def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, training=False, scale=None,
+                       impl="auto"):
+    """Attention over the keys each query's slots name; see :func:`recbole_blossom.ops.naive.gathered_attention`."""
+    fn = parallel.gathered_attention if use_fast(impl, q) else naive.gathered_attention
+    return fn(q, k, v, idx, block, lengths, dropout_p, training, scale)
