@@ -93,17 +93,31 @@ def uses_windows(config):
     return seq_pipeline(config) == "windows" and _recbole_only_reason(config) is None
 
 
+def window_index(ends, lengths, max_len, shift, total):
+    """Where each window reads: ``index`` (B, max_len) into the N interactions, and ``pad`` (B, max_len) bool.
+
+    ``index[b, t] = ends[b] - lengths[b] + shift + t`` where ``t < lengths[b]``; elsewhere ``pad`` is True and
+    ``index`` is only kept in range (clamped), so one index serves every field of the batch.
+    """
+    steps = torch.arange(max_len)
+    index = (ends - lengths + shift)[:, None] + steps
+    index.clamp_(0, total - 1)
+    return index, steps >= lengths[:, None]
+
+
+def take_windows(values, index, pad):
+    """``values`` (N, *rest) read at ``index`` (B, L), zero where ``pad``: (B, L, *rest)."""
+    out = values.index_select(0, index.reshape(-1)).reshape(*index.shape, *values.shape[1:])
+    return out.masked_fill_(pad.reshape(*pad.shape, *([1] * (values.dim() - 1))), 0)
+
+
 def gather_windows(values, ends, lengths, max_len, shift=0):
     """Left-aligned, zero-padded windows of ``values``.
 
     ``values`` (N, *rest); ``ends``, ``lengths`` (B,) long. Returns (B, max_len, *rest) with
     ``out[b, t] = values[ends[b] - lengths[b] + shift + t]`` for ``t < lengths[b]`` and 0 beyond.
     """
-    steps = torch.arange(max_len)
-    valid = steps < lengths[:, None]
-    index = torch.where(valid, (ends - lengths + shift)[:, None] + steps, 0)
-    out = values.index_select(0, index.reshape(-1)).reshape(len(ends), max_len, *values.shape[1:])
-    return out.masked_fill_(~valid.reshape(*valid.shape, *([1] * (values.dim() - 1))), 0)
+    return take_windows(values, *window_index(ends, lengths, max_len, shift, len(values)))
 
 
 class WindowInteraction(Interaction):
@@ -145,8 +159,12 @@ class WindowInteraction(Interaction):
     def materialize(self):
         """The plain RecBole ``Interaction`` of these rows: own columns first, then the list fields."""
         data = dict(self.interaction)
-        for field in self.list_fields:
-            data[field] = self.list_column(field)
+        windows = {}  # one (index, pad) per shift, shared by the fields
+        for field, (source, shift) in self.list_fields.items():
+            values = self.base[source]
+            if shift not in windows:
+                windows[shift] = window_index(self.ends, self.lengths, self.max_len, shift, len(values))
+            data[field] = take_windows(values, *windows[shift])
         return Interaction(data)
 
     def __getitem__(self, index):
