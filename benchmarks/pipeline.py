@@ -12,6 +12,8 @@ and then draws the first ``--batches`` training batches. One JSON line per confi
 * ``status``: ``ok``, ``over_limit`` (stopped at ``--max-rss-gb`` so the machine is not taken down) or
   ``killed``/``error`` with the reason.
 
+``--seq_train_mode every_position`` (ours only) measures the every-position training rows instead.
+
 Pipelines: ``recbole`` (``seq_pipeline: recbole``, RecBole's SequentialDataset) and ``ours``
 (``seq_pipeline: windows``).
 
@@ -51,7 +53,7 @@ def worker(args):
     config = BlossomConfig("SASRec", args.name, config_dict={
         "data_path": args.data_path, "MAX_ITEM_LIST_LENGTH": args.length, "seq_pipeline": PIPELINES[args.pipeline],
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "train_batch_size": args.train_batch_size,
-        "show_progress": False, "checkpoint_dir": os.path.join(args.data_path, "saved")})
+        "seq_train_mode": args.seq_train_mode, "show_progress": False, "checkpoint_dir": os.path.join(args.data_path, "saved")})
     init_seed(config["seed"], config["reproducibility"])
     start = time.perf_counter()
     dataset = create_dataset(config)
@@ -61,7 +63,7 @@ def worker(args):
     for i, _ in enumerate(train):
         if i + 1 >= args.batches:
             break
-    result = {"pipeline": args.pipeline, "L": args.length, "prep_s": round(prep_s, 2), "peak_rss_mib": round(peak),
+    result = {"pipeline": args.pipeline, "L": args.length, "seq_train_mode": args.seq_train_mode, "prep_s": round(prep_s, 2), "peak_rss_mib": round(peak),
               "batches": args.batches, "batches_s": round(time.perf_counter() - start, 2),
               "batches_peak_rss_mib": round(_peak_rss_mib()), "train_rows": len(train._dataset),
               "status": "ok"}
@@ -81,7 +83,7 @@ def run_one(args, pipeline, length):
     limit = int(args.max_rss_gb * 2**30)
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--pipeline", pipeline, "--lengths",
                str(length), "--data_path", args.data_path, "--name", args.name, "--batches", str(args.batches),
-               "--train_batch_size", str(args.train_batch_size)]
+               "--train_batch_size", str(args.train_batch_size), "--seq_train_mode", args.seq_train_mode]
 
     def limit_memory():
         # Backstop in the kernel: address space beyond the RSS budget plus room for torch's untouched
@@ -102,7 +104,7 @@ def run_one(args, pipeline, length):
             break
         time.sleep(0.05)
     out, err = proc.communicate()
-    base = {"pipeline": pipeline, "L": length}
+    base = {"pipeline": pipeline, "L": length, "seq_train_mode": args.seq_train_mode}
     if over:
         return {**base, "prep_s": None, "peak_rss_mib": round(watched_peak), "status": "over_limit",
                 "reason": f"resident memory passed --max-rss-gb {args.max_rss_gb}; stopped"}
@@ -127,6 +129,8 @@ def main(argv=None):
                         help="folder for the generated set (reused when its arguments match)")
     parser.add_argument("--batches", type=int, default=5, help="training batches drawn after preparation")
     parser.add_argument("--train_batch_size", type=int, default=2048)
+    parser.add_argument("--seq_train_mode", choices=["per_prefix", "every_position"], default="per_prefix",
+                        help="training rows (every_position needs --pipeline ours)")
     parser.add_argument("--max-rss-gb", dest="max_rss_gb", type=float, default=20.0,
                         help="stop a configuration whose resident memory passes this (GiB)")
     parser.add_argument("--name", default=None, help="data set name (default: pipeline_u{users}_h{history})")
@@ -134,12 +138,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if min(args.lengths) < 1 or args.batches < 1 or args.max_rss_gb <= 0:
         parser.error("--lengths and --batches must be >= 1 and --max-rss-gb > 0")
+    if args.seq_train_mode == "every_position" and args.pipeline != "ours":
+        parser.error("--seq_train_mode every_position needs --pipeline ours (RecBole has no such rows)")
     args.data_path = os.path.abspath(args.data_path)
     args.name = args.name or f"pipeline_u{args.users}_h{args.history}"
     if args.worker:
         args.length = args.lengths[0]
         return worker(args)
-    make(args.users, args.history, args.items, args.seed, args.data_path, args.name)
+    try:
+        make(args.users, args.history, args.items, args.seed, args.data_path, args.name)
+    except ValueError as err:
+        parser.error(str(err))
     pipelines = ["recbole", "ours"] if args.pipeline == "both" else [args.pipeline]
     for pipeline in pipelines:
         for length in args.lengths:

@@ -1,5 +1,6 @@
-"""benchmarks/make_long_dataset.py: deterministic, well-formed, and the planted long-range structure is there."""
+"""benchmarks/make_long_dataset.py and benchmarks/pipeline.py: deterministic data with the planted structure; one JSON line per run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -62,3 +63,24 @@ def test_bad_arguments_are_clear(tmp_path):
     res = subprocess.run([sys.executable, script, "--users", "2", "--history", "5", "--items", "10",
                           "--cycle", "50", "--out", str(tmp_path)], capture_output=True, text=True)
     assert res.returncode == 2 and "cycle (50) <= items // clusters (0)" in res.stderr
+
+
+def run_pipeline(tmp_path, *flags):
+    script = os.path.join(ROOT, "benchmarks", "pipeline.py")
+    res = subprocess.run([sys.executable, script, "--users", "20", "--history", "30", "--items", "20000",
+                          "--data_path", str(tmp_path), "--batches", "2", *flags], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def test_pipeline_benchmark_one_line_per_configuration(tmp_path):
+    lines = run_pipeline(tmp_path, "--lengths", "5", "40", "--pipeline", "both")
+    assert [(x["pipeline"], x["L"]) for x in lines] == [("recbole", 5), ("recbole", 40), ("ours", 5), ("ours", 40)]
+    for x in lines:
+        assert x["status"] == "ok" and x["prep_s"] > 0 and x["peak_rss_mib"] > 50
+        assert x["train_rows"] == 20 * (30 - 3)  # leave-one-out training rows: all but the first, valid, test
+
+
+def test_pipeline_benchmark_memory_guard(tmp_path):
+    (line,) = run_pipeline(tmp_path, "--lengths", "5", "--pipeline", "ours", "--max-rss-gb", "0.05")
+    assert line["status"] == "over_limit" and line["prep_s"] is None and "--max-rss-gb 0.05" in line["reason"]
