@@ -87,7 +87,8 @@ def test_ml100k_batches_equal_recboles(tmp_path, length, extra):
     assert (ours.inter_matrix().toarray() == theirs.inter_matrix().toarray()).all()
 
 
-@pytest.mark.parametrize("length, extra", [(1, {}), (3, UNI100), (20, {}), (64, UNI100)])
+@pytest.mark.parametrize("length, extra", [(1, {}), (3, UNI100), (20, {"numerical_features": ["rating"]}),
+                                           (64, UNI100)])
 def test_synthetic_batches_equal_recboles(tmp_path, length, extra):
     root = write_synthetic(tmp_path)
     ours, theirs, (train, _, _) = check_equal_batches(
