@@ -30,8 +30,10 @@ from recbole.data import data_preparation as recbole_data_preparation
 from recbole.data.dataset import SequentialDataset
 from recbole.data.interaction import Interaction
 from recbole.data.utils import create_samplers, get_dataloader, load_split_dataloaders, save_split_dataloaders
-from recbole.utils import ModelType, set_color
+from recbole.utils import ModelType, get_model, set_color
 from recbole.utils.argument_list import dataset_arguments
+
+from recbole_blossom.model import MODELS
 
 SEQ_PIPELINES = ("windows", "recbole")
 SEQ_TRAIN_MODES = ("per_prefix", "every_position")
@@ -85,6 +87,14 @@ def check_data_config(config):
                 "seq_train_mode every_position trains with the cross-entropy loss over all items at every "
                 "position; set train_neg_sample_args: ~ (got "
                 f"{config['train_neg_sample_args']['distribution']} negative sampling)"
+            )
+        model = MODELS.get(config["model"]) or get_model(config["model"])
+        if not getattr(model, "supports_every_position", False):
+            able = sorted(name for name, cls in MODELS.items() if getattr(cls, "supports_every_position", False))
+            raise ValueError(
+                f"seq_train_mode every_position needs a model that predicts the next item at every position "
+                f"(class attribute supports_every_position); {config['model']} has not. "
+                f"Models that have: {', '.join(able) or 'none'}"
             )
 
 

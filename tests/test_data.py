@@ -162,3 +162,4 @@ def test_training_with_either_pipeline_gives_identical_metrics(tmp_path):
         config, _, dataset, train, _, test = load_data_and_model(results["windows"]["saved_model_file"])
     assert config["seq_pipeline"] == "windows" and isinstance(dataset, WindowSequentialDataset)
     assert len(test) > 0 and len(train._dataset) > len(test._dataset)
+

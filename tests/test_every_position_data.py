@@ -3,7 +3,9 @@
 import math
 import os
 
+import pytest
 import torch
+from recbole.model.sequential_recommender import SASRec
 from recbole.utils import init_seed
 
 from recbole_blossom.data import target_list_field
@@ -35,6 +37,18 @@ def positions(dataset, items):
     """``[(user, t)]`` of remapped item ids (0 = padding is skipped)."""
     tokens = dataset.id2token(dataset.iid_field, items[items > 0].numpy())
     return [tuple(int(x) for x in tok[1:].split("_")) for tok in tokens]
+
+
+@pytest.fixture(autouse=True)
+def sasrec_every_position(monkeypatch):
+    """These tests are about the rows only; the data side asks the model whether it can train on them."""
+    monkeypatch.setattr(SASRec, "supports_every_position", True, raising=False)
+
+
+def test_models_without_every_position_are_refused(tmp_path, monkeypatch):
+    monkeypatch.delattr(SASRec, "supports_every_position")
+    with pytest.raises(ValueError, match="every_position needs a model .* SASRec has not"):
+        every_position(tmp_path, seq_train_mode="every_position")
 
 
 def every_position(tmp_path, **overrides):
