@@ -103,38 +103,40 @@ def uses_windows(config):
     return seq_pipeline(config) == "windows" and _recbole_only_reason(config) is None
 
 
-def window_index(ends, lengths, max_len, shift, total):
-    """Where each window reads: ``index`` (B, max_len) into the N interactions, and ``pad`` (B, max_len) bool.
+def pad_store(values, max_len):
+    """``values`` (N, *rest) followed by ``max_len + 1`` zero rows, so every window start ``<= N`` reads in range."""
+    return torch.cat([values, values.new_zeros((max_len + 1, *values.shape[1:]))])
 
-    ``index[b, t] = ends[b] - lengths[b] + shift + t`` where ``t < lengths[b]``; elsewhere ``pad`` is True and
-    ``index`` is only kept in range (clamped), so one index serves every field of the batch.
+
+def take_windows(store, starts, lengths, max_len):
+    """Left-aligned, zero-padded windows: (B, max_len, *rest) with ``out[b, t] = store[starts[b] + t]`` for
+    ``t < lengths[b]`` and 0 beyond.
+
+    ``store`` (N + max_len + 1, *rest) from :func:`pad_store`; ``starts``, ``lengths`` (B,) long. The windows
+    are rows of a strided view of ``store`` (no index tensor of size B x L is built): one block copy per row.
     """
-    steps = torch.arange(max_len)
-    index = (ends - lengths + shift)[:, None] + steps
-    index.clamp_(0, total - 1)
-    return index, steps >= lengths[:, None]
-
-
-def take_windows(values, index, pad):
-    """``values`` (N, *rest) read at ``index`` (B, L), zero where ``pad``: (B, L, *rest)."""
-    out = values.index_select(0, index.reshape(-1)).reshape(*index.shape, *values.shape[1:])
-    return out.masked_fill_(pad.reshape(*pad.shape, *([1] * (values.dim() - 1))), 0)
+    windows = store.unfold(0, max_len, 1)  # (N + 2, *rest, max_len), a view
+    out = windows.index_select(0, starts)
+    if store.dim() > 1:
+        out = out.movedim(-1, 1).contiguous()
+    pad = torch.arange(max_len) >= lengths[:, None]
+    return out.masked_fill_(pad.reshape(*pad.shape, *([1] * (store.dim() - 1))), 0)
 
 
 def gather_windows(values, ends, lengths, max_len, shift=0):
-    """Left-aligned, zero-padded windows of ``values``.
+    """``out[b, t] = values[ends[b] - lengths[b] + shift + t]`` for ``t < lengths[b]``, 0 beyond: (B, max_len, *rest).
 
-    ``values`` (N, *rest); ``ends``, ``lengths`` (B,) long. Returns (B, max_len, *rest) with
-    ``out[b, t] = values[ends[b] - lengths[b] + shift + t]`` for ``t < lengths[b]`` and 0 beyond.
+    ``values`` (N, *rest), not padded; for one-off use (the datasets keep a padded store).
     """
-    return take_windows(values, *window_index(ends, lengths, max_len, shift, len(values)))
+    return take_windows(pad_store(values, max_len), ends - lengths + shift, lengths, max_len)
 
 
 class WindowInteraction(Interaction):
     """An ``Interaction`` whose ``*_list`` fields are computed from the stored interactions on demand.
 
     ``interaction`` holds the row's own columns (the target's fields and the length field), ``(B, ...)``.
-    ``base`` holds every interaction once, ``{field: (N, ...)}``, shared between views. ``list_fields`` maps a
+    ``base`` holds every interaction once, ``{field: (N + L + 1, ...)}`` (zero rows at the end, see
+    :func:`pad_store`), shared between views. ``list_fields`` maps a
     list field to ``(base field, shift)``: row ``b`` of it is ``base[field][ends[b] - lengths[b] + shift + t]``
     for ``t < lengths[b]``. Indexing with an index (not a field name) gives another lazy view; a field name
     gives that column (a list field is then built for all rows); :meth:`materialize` gives the plain batch.
@@ -164,17 +166,13 @@ class WindowInteraction(Interaction):
     def list_column(self, field):
         """The list field ``field`` for these rows, (B, L, *rest)."""
         source, shift = self.list_fields[field]
-        return gather_windows(self.base[source], self.ends, self.lengths, self.max_len, shift)
+        return take_windows(self.base[source], self.ends - self.lengths + shift, self.lengths, self.max_len)
 
     def materialize(self):
         """The plain RecBole ``Interaction`` of these rows: own columns first, then the list fields."""
         data = dict(self.interaction)
-        windows = {}  # one (index, pad) per shift, shared by the fields
-        for field, (source, shift) in self.list_fields.items():
-            values = self.base[source]
-            if shift not in windows:
-                windows[shift] = window_index(self.ends, self.lengths, self.max_len, shift, len(values))
-            data[field] = take_windows(values, *windows[shift])
+        for field in self.list_fields:
+            data[field] = self.list_column(field)
         return Interaction(data)
 
     def __getitem__(self, index):
@@ -227,7 +225,7 @@ class WindowInteraction(Interaction):
 
     def __str__(self):
         lazy = ", ".join(self.list_fields)
-        return f"{super().__str__()}    built per batch from {len(next(iter(self.base.values())))} interactions: {lazy}\n"
+        return f"{super().__str__()}    built per batch: {lazy}\n"
 
 
 class WindowSequentialDataset(SequentialDataset):
@@ -250,8 +248,8 @@ class WindowSequentialDataset(SequentialDataset):
         rows = {field: base[field][ends] for field in base}
         rows[self.item_list_length_field] = lengths
         list_fields = {getattr(self, f"{field}_list_field"): (field, 0) for field in base if field != self.uid_field}
-        self.inter_feat = WindowInteraction(rows, base.interaction, list_fields, ends, lengths,
-                                            self.max_item_list_len)
+        store = {field: pad_store(base[field], self.max_item_list_len) for field in base}
+        self.inter_feat = WindowInteraction(rows, store, list_fields, ends, lengths, self.max_item_list_len)
 
     def __getitem__(self, index, join=True):
         df = self.inter_feat[index]
