@@ -50,7 +50,7 @@ def worker(args):
     from recbole_blossom.config import BlossomConfig
     from recbole_blossom.data import create_dataset, data_preparation
 
-    config = BlossomConfig("SASRec", args.name, config_dict={
+    config = BlossomConfig(args.model, args.name, config_dict={
         "data_path": args.data_path, "MAX_ITEM_LIST_LENGTH": args.length, "seq_pipeline": PIPELINES[args.pipeline],
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "train_batch_size": args.train_batch_size,
         "seq_train_mode": args.seq_train_mode, "show_progress": False, "checkpoint_dir": os.path.join(args.data_path, "saved")})
@@ -83,7 +83,8 @@ def run_one(args, pipeline, length):
     limit = int(args.max_rss_gb * 2**30)
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--pipeline", pipeline, "--lengths",
                str(length), "--data_path", args.data_path, "--name", args.name, "--batches", str(args.batches),
-               "--train_batch_size", str(args.train_batch_size), "--seq_train_mode", args.seq_train_mode]
+               "--train_batch_size", str(args.train_batch_size), "--seq_train_mode", args.seq_train_mode,
+               "--model", args.model]
 
     def limit_memory():
         # Backstop in the kernel: address space beyond the RSS budget plus room for torch's untouched
@@ -131,6 +132,9 @@ def main(argv=None):
     parser.add_argument("--train_batch_size", type=int, default=2048)
     parser.add_argument("--seq_train_mode", choices=["per_prefix", "every_position"], default="per_prefix",
                         help="training rows (every_position needs --pipeline ours)")
+    parser.add_argument("--model", default=None,
+                        help="sequential model whose data are prepared (not built): SASRec, or BlossomSASRec with "
+                             "every_position")
     parser.add_argument("--max-rss-gb", dest="max_rss_gb", type=float, default=20.0,
                         help="stop a configuration whose resident memory passes this (GiB)")
     parser.add_argument("--name", default=None, help="data set name (default: pipeline_u{users}_h{history})")
@@ -140,6 +144,7 @@ def main(argv=None):
         parser.error("--lengths and --batches must be >= 1 and --max-rss-gb > 0")
     if args.seq_train_mode == "every_position" and args.pipeline != "ours":
         parser.error("--seq_train_mode every_position needs --pipeline ours (RecBole has no such rows)")
+    args.model = args.model or ("BlossomSASRec" if args.seq_train_mode == "every_position" else "SASRec")
     args.data_path = os.path.abspath(args.data_path)
     args.name = args.name or f"pipeline_u{args.users}_h{args.history}"
     if args.worker:

@@ -89,7 +89,9 @@ def check_data_config(config):
                 f"{config['train_neg_sample_args']['distribution']} negative sampling)"
             )
         model = MODELS.get(config["model"]) or get_model(config["model"])
-        if not getattr(model, "supports_every_position", False):
+        # The model's own config-aware answer when it has one (e.g. LinRec only in its causal form).
+        supported = getattr(model, "every_position_supported", None)
+        if not (supported(config) if supported else getattr(model, "supports_every_position", False)):
             able = sorted(name for name, cls in MODELS.items() if getattr(cls, "supports_every_position", False))
             raise ValueError(
                 f"seq_train_mode every_position needs a model that predicts the next item at every position "

@@ -115,6 +115,22 @@ def test_saved_dataloaders_give_the_same_batches(tmp_path):
         assert_same(a, b)
 
 
+def test_saved_dataset_is_reused(tmp_path):
+    small = {"MAX_ITEM_LIST_LENGTH": 7, **ML100K_SMALL}
+    init_seed(2020, True)
+    _, _, fresh = prepare("ml-100k", tmp_path, "windows", **small)
+    before = draw(fresh, epochs=1)
+    prepare("ml-100k", tmp_path, "windows", save_dataset=True, **small)
+    assert os.path.isfile(tmp_path / "saved" / "ml-100k-WindowSequentialDataset.pth")
+    with pytest.MonkeyPatch.context() as mp:  # read from the file, not loaded again from the atomic files
+        mp.setattr(WindowSequentialDataset, "_from_scratch", lambda self: pytest.fail("loaded again"))
+        init_seed(2020, True)
+        _, loaded, loaders = prepare("ml-100k", tmp_path, "windows", save_dataset=True, **small)
+        assert isinstance(loaded, WindowSequentialDataset)
+        for a, b in zip(draw(loaders, epochs=1), before):
+            assert_same(a, b)
+
+
 def test_windows_memory_does_not_grow_with_length(tmp_path):
     """The dataset holds each interaction once: going from L = 5 to 5000 adds only the L zero rows of padding."""
     sizes, row_bytes = [], 0
