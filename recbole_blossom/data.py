@@ -24,6 +24,7 @@ import os
 import pickle
 from logging import getLogger
 
+import numpy as np
 import torch
 from recbole.data import create_dataset as recbole_create_dataset
 from recbole.data import data_preparation as recbole_data_preparation
@@ -155,10 +156,10 @@ class WindowInteraction(Interaction):
         self.length = len(ends)
 
     def _view(self, index):
-        if isinstance(index, list):
-            index = torch.tensor(index)
-        elif not isinstance(index, (slice, torch.Tensor)):
-            index = torch.as_tensor(index)
+        if not isinstance(index, (slice, torch.Tensor)):  # lists, ranges, numpy arrays, numbers
+            index = torch.as_tensor(np.asarray(index))
+            if index.numel() == 0:
+                index = index.long()  # an empty list would index as float
         if isinstance(index, torch.Tensor) and index.dim() == 0:
             index = index.reshape(1)
         rows = {k: v[index] for k, v in self.interaction.items()}

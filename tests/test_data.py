@@ -87,8 +87,14 @@ def test_ml100k_batches_equal_recboles(tmp_path, length, extra):
     assert (ours.inter_matrix().toarray() == theirs.inter_matrix().toarray()).all()
 
 
-@pytest.mark.parametrize("length, extra", [(1, {}), (3, UNI100), (20, {"numerical_features": ["rating"]}),
-                                           (64, UNI100)])
+def split(how, mode="full"):
+    return {"eval_args": {"split": how, "order": "TO", "group_by": "user", "mode": mode}}
+
+
+@pytest.mark.parametrize("length, extra", [
+    (1, {}), (3, UNI100), (20, {"numerical_features": ["rating"]}), (64, UNI100),
+    (6, split({"LS": "valid_only"})), (6, split({"LS": "test_only"}, "uni100")), (9, split({"RS": [0.7, 0.2, 0.1]})),
+])
 def test_synthetic_batches_equal_recboles(tmp_path, length, extra):
     root = write_synthetic(tmp_path)
     ours, theirs, (train, _, _) = check_equal_batches(
