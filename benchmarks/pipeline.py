@@ -53,7 +53,8 @@ def worker(args):
     config = BlossomConfig(args.model, args.name, config_dict={
         "data_path": args.data_path, "MAX_ITEM_LIST_LENGTH": args.length, "seq_pipeline": PIPELINES[args.pipeline],
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "train_batch_size": args.train_batch_size,
-        "seq_train_mode": args.seq_train_mode, "show_progress": False, "checkpoint_dir": os.path.join(args.data_path, "saved")})
+        "seq_train_mode": args.seq_train_mode, "show_progress": False,
+        "checkpoint_dir": os.path.join(args.data_path, "saved")})
     init_seed(config["seed"], config["reproducibility"])
     start = time.perf_counter()
     dataset = create_dataset(config)
@@ -63,10 +64,10 @@ def worker(args):
     for i, _ in enumerate(train):
         if i + 1 >= args.batches:
             break
-    result = {"pipeline": args.pipeline, "L": args.length, "seq_train_mode": args.seq_train_mode, "prep_s": round(prep_s, 2), "peak_rss_mib": round(peak),
-              "batches": args.batches, "batches_s": round(time.perf_counter() - start, 2),
-              "batches_peak_rss_mib": round(_peak_rss_mib()), "train_rows": len(train._dataset),
-              "status": "ok"}
+    result = {"pipeline": args.pipeline, "L": args.length, "seq_train_mode": args.seq_train_mode,
+              "prep_s": round(prep_s, 2), "peak_rss_mib": round(peak), "batches": args.batches,
+              "batches_s": round(time.perf_counter() - start, 2), "batches_peak_rss_mib": round(_peak_rss_mib()),
+              "train_rows": len(train._dataset), "status": "ok"}
     print(json.dumps(result), flush=True)
 
 

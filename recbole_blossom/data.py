@@ -22,6 +22,7 @@ Shapes: ``N`` interactions, ``B`` rows of a batch, ``L`` = ``MAX_ITEM_LIST_LENGT
 import importlib
 import os
 import pickle
+from collections import Counter
 from logging import getLogger
 
 import numpy as np
@@ -31,7 +32,7 @@ from recbole.data import data_preparation as recbole_data_preparation
 from recbole.data.dataset import SequentialDataset
 from recbole.data.interaction import Interaction
 from recbole.data.utils import create_samplers, get_dataloader, load_split_dataloaders, save_split_dataloaders
-from recbole.utils import ModelType, get_model, set_color
+from recbole.utils import FeatureType, ModelType, get_model, set_color
 from recbole.utils.argument_list import dataset_arguments
 
 from recbole_blossom.model import MODELS
@@ -276,6 +277,20 @@ class WindowSequentialDataset(SequentialDataset):
             extra = firsts[field] if field == self.uid_field else self.inter_feat.base[field][firsts.ends - 1]
             columns[field] = torch.cat([inter[field], extra])
         return self._create_sparse_matrix(Interaction(columns), self.uid_field, self.iid_field, form, value_field)
+
+    def counter(self, field):
+        """RecBole's token counter; for every-position rows it counts every target, as the per-prefix rows would
+        (RecBole's popularity metrics read ``item_counter`` of the training set)."""
+        inter = self.inter_feat
+        if not isinstance(inter, WindowInteraction) or inter.train_mode != "every_position" or field not in inter.base:
+            return super().counter(field)
+        if self.field2type[field] != FeatureType.TOKEN:
+            raise ValueError(f"Field [{field}] is not a token field.")
+        first_target = inter.ends - inter.lengths + 1
+        offsets = torch.cumsum(inter.lengths, 0) - inter.lengths
+        steps = torch.arange(int(inter.lengths.sum())) - torch.repeat_interleave(offsets, inter.lengths)
+        targets = torch.repeat_interleave(first_target, inter.lengths) + steps
+        return Counter(inter.base[field][targets].numpy())
 
     def every_position(self):
         """A copy whose rows are the windows of each user's training history (``seq_train_mode: every_position``).

@@ -117,3 +117,12 @@ def test_rows_are_shuffled_every_epoch(tmp_path):
     epochs = [[tuple(positions(dataset, b["item_id"])) for b in train] for _ in range(2)]
     assert epochs[0] != epochs[1]
     assert sorted(sum(epochs[0], ())) == sorted(sum(epochs[1], ()))
+
+
+def test_item_and_user_counters_count_every_target(tmp_path):
+    """RecBole's popularity metrics read the training set's item_counter: the same as with per-prefix rows."""
+    _, _, (per_prefix, _, _) = every_position(tmp_path)
+    _, _, (every, _, _) = every_position(tmp_path, seq_train_mode="every_position")
+    assert every._dataset.item_counter == per_prefix._dataset.item_counter
+    assert every._dataset.user_counter == per_prefix._dataset.user_counter
+    assert sum(every._dataset.item_counter.values()) == len(per_prefix._dataset) > len(every._dataset)

@@ -1,4 +1,4 @@
-"""benchmarks/make_long_dataset.py and benchmarks/pipeline.py: deterministic data with the planted structure; one JSON line per run."""
+"""benchmarks/make_long_dataset.py (deterministic, with the planted structure) and benchmarks/pipeline.py."""
 
 import json
 import os
