@@ -3,10 +3,11 @@
 RecBole's ``SequentialDataset.data_augmentation`` stores, for every interaction but each user's first, a padded
 row of ``MAX_ITEM_LIST_LENGTH`` entries for every interaction field: host memory ``interactions x L``.
 Here :class:`WindowSequentialDataset` stores the interactions once (sorted by user and time, as RecBole sorts
-them) plus, per row, the position of its last window element and the window length. Its ``inter_feat`` is a
+them) plus, per row, the position of its target (the history window is the ``length`` interactions before
+it). Its ``inter_feat`` is a
 :class:`WindowInteraction`: splitting, sorting and indexing it keep it lazy; the dataset's ``__getitem__``
 (what RecBole's dataloaders call per batch) materialises a plain RecBole ``Interaction`` with every ``*_list``
-field, built by one vectorised gather per field. The batches equal RecBole's own: same rows, order, targets,
+field, built vectorised (one block copy per row and field, no Python loop per row). The batches equal RecBole's own: same rows, order, targets,
 lengths, left-aligned zero padding, dtypes; RecBole's dataloaders, samplers, trainer and evaluation are used
 unchanged.
 
@@ -140,9 +141,10 @@ class WindowInteraction(Interaction):
 
     ``interaction`` holds the row's own columns (the target's fields and the length field), ``(B, ...)``.
     ``base`` holds every interaction once, ``{field: (N + L + 1, ...)}`` (zero rows at the end, see
-    :func:`pad_store`), shared between views. ``list_fields`` maps a
-    list field to ``(base field, shift)``: row ``b`` of it is ``base[field][ends[b] - lengths[b] + shift + t]``
-    for ``t < lengths[b]``. Indexing with an index (not a field name) gives another lazy view; a field name
+    :func:`pad_store`), shared between views. ``ends`` (B,) is each row's target position in ``base`` (for
+    every-position rows its last target), ``lengths`` (B,) its number of inputs. ``list_fields`` maps a list
+    field to ``(base field, shift)``: row ``b`` of it is ``base[field][ends[b] - lengths[b] + shift + t]`` for
+    ``t < lengths[b]``. Indexing with an index (not a field name) gives another lazy view; a field name
     gives that column (a list field is then built for all rows); :meth:`materialize` gives the plain batch.
     """
 
