@@ -1,15 +1,14 @@
 """Sequence data that keeps each interaction once and builds history windows when a batch is drawn (issue 11).
 
 RecBole's ``SequentialDataset.data_augmentation`` stores, for every interaction but each user's first, a padded
-row of ``MAX_ITEM_LIST_LENGTH`` entries for every interaction field: host memory ``interactions x L``.
-Here :class:`WindowSequentialDataset` stores the interactions once (sorted by user and time, as RecBole sorts
-them) plus, per row, the position of its target (the history window is the ``length`` interactions before
-it). Its ``inter_feat`` is a
-:class:`WindowInteraction`: splitting, sorting and indexing it keep it lazy; the dataset's ``__getitem__``
-(what RecBole's dataloaders call per batch) materialises a plain RecBole ``Interaction`` with every ``*_list``
-field, built vectorised (one block copy per row and field, no Python loop per row). The batches equal RecBole's own: same rows, order, targets,
-lengths, left-aligned zero padding, dtypes; RecBole's dataloaders, samplers, trainer and evaluation are used
-unchanged.
+row of ``MAX_ITEM_LIST_LENGTH`` entries for every interaction field: host memory ``interactions x L``. Here
+:class:`WindowSequentialDataset` stores the interactions once (sorted by user and time, as RecBole sorts them)
+plus, per row, the position of its target (the history window is the ``length`` interactions before it). Its
+``inter_feat`` is a :class:`WindowInteraction`: splitting, sorting and indexing it keep it lazy; the dataset's
+``__getitem__`` (what RecBole's dataloaders call per batch) materialises a plain RecBole ``Interaction`` with
+every ``*_list`` field, built vectorised (one block copy per row and field, no Python loop per row). The batches
+equal RecBole's own: same rows, order, targets, lengths, left-aligned zero padding, dtypes; RecBole's
+dataloaders, samplers, trainer and evaluation are used unchanged.
 
 Config keys (defaults in ``properties/overall.yaml``):
 
