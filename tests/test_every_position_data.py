@@ -126,3 +126,17 @@ def test_item_and_user_counters_count_every_target(tmp_path):
     assert every._dataset.item_counter == per_prefix._dataset.item_counter
     assert every._dataset.user_counter == per_prefix._dataset.user_counter
     assert sum(every._dataset.item_counter.values()) == len(per_prefix._dataset) > len(every._dataset)
+
+
+def test_saved_dataloaders_are_reused_only_for_the_same_mode(tmp_path):
+    from recbole_blossom.data import WindowSequentialDataset
+
+    _, _, (saved, _, _) = every_position(tmp_path, seq_train_mode="every_position", save_dataloaders=True)
+    _, _, (per_prefix, _, _) = every_position(tmp_path, save_dataloaders=True)  # other mode: split again
+    rows = sum(len(training_targets(n)) for n in HISTORIES)
+    assert per_prefix._dataset.inter_feat.train_mode == "per_prefix" and len(per_prefix._dataset) == rows
+    _, _, (saved, _, _) = every_position(tmp_path, seq_train_mode="every_position", save_dataloaders=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(WindowSequentialDataset, "build", lambda self: pytest.fail("split again instead of loaded"))
+        _, _, (loaded, _, _) = every_position(tmp_path, seq_train_mode="every_position", save_dataloaders=True)
+    assert loaded._dataset.inter_feat.train_mode == "every_position" and len(loaded._dataset) == 14
