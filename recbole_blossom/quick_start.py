@@ -12,7 +12,6 @@ from logging import getLogger
 
 import torch
 import torch.distributed as dist
-from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, get_trainer, init_logger, init_seed, set_color
 
 from recbole_blossom.checks import (  # noqa: F401  (DatasetFormatError is part of the API)
@@ -24,6 +23,7 @@ from recbole_blossom.checks import (  # noqa: F401  (DatasetFormatError is part 
 )
 from recbole_blossom.compat import safe_torch_load
 from recbole_blossom.config import BlossomConfig, get_model_class
+from recbole_blossom.data import create_dataset, data_preparation
 
 
 def check_dataset(config):

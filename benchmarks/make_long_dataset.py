@@ -1,0 +1,170 @@
+"""Seeded generator of RecBole atomic files with long histories and planted long-range structure.
+
+Writes ``OUT/NAME/NAME.inter`` (``user_id:token item_id:token timestamp:float``, tab separated) and
+``OUT/NAME/NAME.json`` (the arguments, to recognise a set made before). Every user has exactly ``--history``
+interactions; users ``0 .. U-1``, items ``0 .. N-1``. Ids are written zero-padded to a fixed width (tokens,
+so ``00042`` is just the name of user 42); the timestamp of a user's ``t``-th interaction is ``t``.
+
+What it plants (all draws from ``numpy.random.default_rng(seed)``):
+
+1. The ``N`` items form ``--clusters K`` interests of ``S = N // K`` consecutive ids (items beyond ``K * S``
+   appear only as noise).
+2. Each user has ``--interests m`` distinct interests. For each of them the user has a private **cycle**: ``C =
+   --cycle`` distinct items of that interest in a random order, entered at a random offset.
+3. The history is a run of **episodes** whose lengths are uniform in ``[--episode_min, --episode_max]``. The
+   episodes visit the user's interests round-robin in a fixed random order, so each interest comes back every
+   ``m`` episodes, after a gap of the other ``m - 1`` episodes.
+4. An episode continues its interest's cycle exactly where that interest's previous episode stopped. So the
+   item after ``x`` is, for this user, the item that followed ``x`` the last time the user met ``x``: about
+   ``C`` steps back in that interest, i.e. about ``m * C`` steps back in the history (``3 * 128 = 384`` with the
+   defaults), and never within the last ``C`` steps of the interest. A model that sees less than that can
+   tell the interest from recent items but must guess among its ``S`` items; one that sees further can copy.
+5. Noise: each interaction is, with probability ``--noise``, replaced by a uniform random item (the cycle
+   still advances under it, so the structure resumes right after).
+
+Measured by :func:`copy_rule`: the share of positions whose item equals the successor of the previous
+occurrence of the item before it, and the distance back to that occurrence.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+DEFAULTS = {"clusters": 50, "interests": 3, "cycle": 128, "episode_min": 16, "episode_max": 48, "noise": 0.05}
+
+
+def generate(users, history, items, seed, clusters=50, interests=3, cycle=128, episode_min=16, episode_max=48,
+             noise=0.05):
+    """``(U, H)`` int64 item ids of every user's history, in time order (see the module docstring)."""
+    size = items // clusters
+    if clusters < 1 or size < 1 or not 1 <= interests <= clusters or not 1 <= cycle <= size:
+        raise ValueError(f"need 1 <= interests ({interests}) <= clusters ({clusters}) and 1 <= cycle ({cycle}) <= "
+                         f"items // clusters ({size})")
+    if not 1 <= episode_min <= episode_max or not 0 <= noise <= 1 or users < 1 or history < 1:
+        raise ValueError("need users, history >= 1, 1 <= episode_min <= episode_max and 0 <= noise <= 1")
+    rng = np.random.default_rng(seed)
+    # Interests of each user (distinct clusters), in the round-robin order the episodes visit them.
+    chosen = rng.permuted(np.tile(np.arange(clusters), (users, 1)), axis=1)[:, :interests]  # (U, m)
+    # Each (user, interest) cycle: the first C of a random permutation of the cluster's S items.
+    cycles = rng.permuted(np.tile(np.arange(size), (users, interests, 1)), axis=2)[:, :, :cycle]
+    cycles = chosen[:, :, None] * size + cycles  # (U, m, C) item ids
+    offsets = rng.integers(0, cycle, (users, interests))
+
+    episodes = history // episode_min + 1  # enough episodes to cover the history
+    episodes += (-episodes) % interests  # whole rounds, so episodes reshape into (rounds, m)
+    lengths = rng.integers(episode_min, episode_max + 1, (users, episodes))
+    starts = np.cumsum(lengths, axis=1) - lengths  # (U, E) first position of each episode
+    # Steps already taken in the same interest before each episode: sum of that interest's earlier episodes.
+    rounds = lengths.reshape(users, -1, interests)
+    before = (np.cumsum(rounds, axis=1) - rounds).reshape(users, episodes)
+
+    # Episode of every position: mark episode starts, cumulative sum.
+    marks = np.zeros((users, history + 1), dtype=np.int32)
+    inside = starts < history
+    rows = np.broadcast_to(np.arange(users)[:, None], starts.shape)
+    marks[rows[inside], starts[inside]] = 1
+    episode = np.cumsum(marks[:, :history], axis=1, dtype=np.int32) - 1  # (U, H); int32 cumsum is much faster
+    position = np.arange(history)[None, :]
+    slot = episode % interests
+    user = np.arange(users)[:, None]
+    step = np.take_along_axis(before, episode, 1) + position - np.take_along_axis(starts, episode, 1)
+    index = (offsets[user, slot] + step) % cycle
+    result = cycles[user, slot, index]
+    if noise > 0:
+        noisy = rng.random((users, history)) < noise
+        result[noisy] = rng.integers(0, items, int(noisy.sum()))
+    return result
+
+
+def copy_rule(histories):
+    """How well "the next item is what followed the previous item last time" predicts, and how far back that is.
+
+    ``histories`` (U, H). Returns ``(hit_rate, distances)``: over positions ``t`` whose previous item
+    ``x_{t-1}`` occurred before (last at ``s``), the share with ``x_t == x_{s+1}``, and how far back the item to
+    copy lies, ``t - (s + 1)``.
+    """
+    hits, distances = [], []
+    for row in histories:
+        last = {}
+        for t in range(1, len(row)):
+            prev = row[t - 1]
+            if prev in last:
+                s = last[prev]
+                hits.append(row[s + 1] == row[t])
+                distances.append(t - s - 1)
+            last[prev] = t - 1
+    return float(np.mean(hits)) if hits else 0.0, np.array(distances)
+
+
+def _digits(values, width):
+    """(n, width) uint8 ASCII of non-negative ints, zero-padded."""
+    out = np.empty((len(values), width), dtype=np.uint8)
+    values = values.astype(np.int64)
+    for column in range(width - 1, -1, -1):  # one pass per digit, vectorised over the rows
+        values, digit = np.divmod(values, 10)
+        out[:, column] = digit + ord("0")
+    return out
+
+
+def write_inter(path, histories, chunk_rows=2_000_000):
+    """Write the atomic file: fixed-width rows assembled as bytes with numpy (no Python loop per row)."""
+    users, history = histories.shape
+    widths = [len(str(max(users - 1, 1))), len(str(max(int(histories.max()), 1))), len(str(max(history - 1, 1)))]
+    tab, newline = np.full((1, 1), ord("\t"), np.uint8), np.full((1, 1), ord("\n"), np.uint8)
+    per_chunk = max(1, chunk_rows // history)
+    with open(path, "wb") as f:
+        f.write(b"user_id:token\titem_id:token\ttimestamp:float\n")
+        for first in range(0, users, per_chunk):
+            block = histories[first:first + per_chunk]
+            n = block.size
+            columns = (np.repeat(np.arange(first, first + len(block)), history), block.reshape(-1),
+                       np.tile(np.arange(history), len(block)))
+            parts = []
+            for column, width, end in zip(columns, widths, (tab, tab, newline)):
+                parts += [_digits(column, width), np.broadcast_to(end, (n, 1))]
+            np.concatenate(parts, axis=1).tofile(f)
+
+
+def make(users, history, items, seed, out, name="long", **options):
+    """Generate and write ``out/name/name.inter`` unless a set with the same arguments is there; returns its folder."""
+    options = {**DEFAULTS, **options}
+    args = {"users": users, "history": history, "items": items, "seed": seed, **options}
+    folder = os.path.join(out, name)
+    meta, inter = os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.inter")
+    if os.path.isfile(meta) and os.path.isfile(inter):
+        with open(meta) as f:
+            if json.load(f) == args:
+                return folder
+    os.makedirs(folder, exist_ok=True)
+    write_inter(inter + ".part", generate(users, history, items, seed, **options))
+    os.replace(inter + ".part", inter)
+    with open(meta, "w") as f:
+        json.dump(args, f, indent=1)
+    return folder
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, required=True)
+    parser.add_argument("--history", type=int, required=True, help="interactions per user")
+    parser.add_argument("--items", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="folder that gets NAME/NAME.inter (a RecBole data_path)")
+    parser.add_argument("--name", default="long")
+    for key, value in DEFAULTS.items():
+        parser.add_argument(f"--{key}", type=type(value), default=value)
+    args = vars(parser.parse_args(argv))
+    start = time.perf_counter()
+    try:
+        folder = make(**args)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"{folder}: {args['users']} users x {args['history']} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

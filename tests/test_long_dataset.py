@@ -1,0 +1,86 @@
+"""benchmarks/make_long_dataset.py (deterministic, with the planted structure) and benchmarks/pipeline.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from make_long_dataset import copy_rule, generate, make  # noqa: E402
+
+SMALL = {"clusters": 4, "interests": 3, "cycle": 20, "episode_min": 10, "episode_max": 20}
+
+
+def read(folder, name="long"):
+    with open(os.path.join(folder, f"{name}.inter")) as f:
+        header = f.readline().rstrip("\n")
+        rows = [line.rstrip("\n").split("\t") for line in f]
+    return header, rows
+
+
+def test_same_seed_same_file_other_seed_other_file(tmp_path):
+    paths = [make(6, 50, 100, seed, str(tmp_path / str(i)), **SMALL) for i, seed in enumerate((3, 3, 4))]
+    data = [open(os.path.join(p, "long.inter"), "rb").read() for p in paths]
+    assert data[0] == data[1] and data[0] != data[2]
+
+
+def test_file_shape(tmp_path):
+    header, rows = read(make(6, 50, 100, 0, str(tmp_path), **SMALL))
+    assert header == "user_id:token\titem_id:token\ttimestamp:float"
+    assert len(rows) == 6 * 50 and all(len(r) == 3 for r in rows)
+    for u in range(6):
+        mine = [r for r in rows if int(r[0]) == u]
+        assert [int(float(r[2])) for r in mine] == list(range(50))
+    assert all(0 <= int(r[1]) < 100 for r in rows)
+
+
+def test_copy_rule_on_a_known_history():
+    # x: a b c a b d a ; after the 2nd a: b (hit, 3 back), after 2nd b: d (miss), after 3rd a: end
+    hit_rate, distances = copy_rule(np.array([[1, 2, 3, 1, 2, 4, 1]]))
+    assert hit_rate == pytest.approx(1 / 2) and distances.tolist() == [3, 3]
+
+
+def test_planted_structure_is_long_range():
+    histories = generate(8, 600, 400, seed=1, noise=0.0, **SMALL)
+    hit_rate, distances = copy_rule(histories)
+    # Without noise the next item is what followed the previous one last time, except around episode switches
+    # (about 2 misses per episode of 15), and the previous time is never less than a cycle back.
+    assert hit_rate > 0.8 and distances.min() >= SMALL["cycle"]
+    assert np.median(distances) >= SMALL["interests"] * SMALL["cycle"] * 0.8
+    # Each user stays within its m interests: at most m * cycle distinct items.
+    assert all(len(set(h)) <= SMALL["interests"] * SMALL["cycle"] for h in histories)
+    noisy, _ = copy_rule(generate(8, 600, 400, seed=1, noise=0.3, **SMALL))
+    assert noisy < hit_rate - 0.3
+
+
+def test_bad_arguments_are_clear(tmp_path):
+    script = os.path.join(ROOT, "benchmarks", "make_long_dataset.py")
+    res = subprocess.run([sys.executable, script, "--users", "2", "--history", "5", "--items", "10",
+                          "--cycle", "50", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 2 and "cycle (50) <= items // clusters (0)" in res.stderr
+
+
+def run_pipeline(tmp_path, *flags):
+    script = os.path.join(ROOT, "benchmarks", "pipeline.py")
+    res = subprocess.run([sys.executable, script, "--users", "20", "--history", "30", "--items", "20000",
+                          "--data_path", str(tmp_path), "--batches", "2", *flags], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def test_pipeline_benchmark_one_line_per_configuration(tmp_path):
+    lines = run_pipeline(tmp_path, "--lengths", "5", "40", "--pipeline", "both")
+    assert [(x["pipeline"], x["L"]) for x in lines] == [("recbole", 5), ("recbole", 40), ("ours", 5), ("ours", 40)]
+    for x in lines:
+        assert x["status"] == "ok" and x["prep_s"] > 0 and x["peak_rss_mib"] > 50
+        assert x["train_rows"] == 20 * (30 - 3)  # leave-one-out training rows: all but the first, valid, test
+
+
+def test_pipeline_benchmark_memory_guard(tmp_path):
+    (line,) = run_pipeline(tmp_path, "--lengths", "5", "--pipeline", "ours", "--max-rss-gb", "0.05")
+    assert line["status"] == "over_limit" and line["prep_s"] is None and "--max-rss-gb 0.05" in line["reason"]
