@@ -4,10 +4,13 @@ import pytest
 import torch
 from memory_probe import LargestTensor
 from recbole.data.interaction import Interaction
+from tiny_runs import TINY, inside
 
+import recbole_blossom
 from recbole_blossom import BlossomConfig, BlossomLinRec, BlossomSASRec, LinRec, SASRecSDPA
 from recbole_blossom.model import target_list_field
 from recbole_blossom.model.base import chunked_cross_entropy
+from recbole_blossom.quick_start import _build_model, _prepare
 
 L = 24  # with these block sizes LTIS selects 2 of up to 11 past blocks: selection is active
 SIZES = {"hidden_size": 16, "inner_size": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "cmp_block_len": 4,
@@ -133,3 +136,36 @@ def test_models_that_cannot_train_on_every_position_refuse_clearly():
     model = build(LinRec, seq_train_mode="per_prefix")
     with pytest.raises(ValueError, match="linrec_causal: True"):
         model.calculate_loss(every_position_batch(histories()))
+
+
+def test_epoch_loss_through_the_data_pipeline_equals_the_per_prefix_one(tmp_path):
+    """Real batches of the plugin's windows pipeline, both modes, the same BlossomSASRec (LTIS selecting)."""
+    base = {**SIZES, "MAX_ITEM_LIST_LENGTH": 30, "user_inter_num_interval": "[20,25)", "train_batch_size": 128,
+            "checkpoint_dir": str(tmp_path), "show_progress": False}  # every training history fits one window
+    results = {}
+    for mode in ("every_position", "per_prefix"):
+        config = BlossomConfig(model="BlossomSASRec", dataset="ml-100k", config_dict={**base, "seq_train_mode": mode})
+        _, train, _, _ = _prepare(config)
+        model = _build_model(config, train).eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in train:
+                n = int(batch["item_length"].sum()) if mode == "every_position" else len(batch)
+                total += model.calculate_loss(batch).item() * n
+                count += n
+        results[mode] = total / count, count
+    assert results["every_position"][1] == results["per_prefix"][1]  # the same targets
+    assert results["every_position"][0] == pytest.approx(results["per_prefix"][0], rel=1e-5)
+
+
+@pytest.mark.parametrize("model_class, overrides", [(BlossomSASRec, {}), (LinRec, {"linrec_causal": True})])
+def test_trains_evaluates_and_reloads(tmp_path, model_class, overrides):
+    config = {**SIZES, **TINY, "n_heads": 4, "n_kv_heads": 2, "hidden_size": 16, "MAX_ITEM_LIST_LENGTH": 30,
+              "checkpoint_dir": str(tmp_path / "saved"), **overrides}
+    with inside(tmp_path):
+        result = recbole_blossom.run(model_class.__name__, "ml-100k", config_dict=config)
+        assert all(0.0 <= v <= 1.0 for v in result["test_result"].values())
+        _, model, *_, test_data = recbole_blossom.load_data_and_model(result["saved_model_file"])
+    assert type(model) is model_class and model.causal
+    with torch.no_grad():
+        assert torch.isfinite(model.eval().full_sort_predict(next(iter(test_data))[0])).all()
