@@ -35,19 +35,10 @@ from recbole.data.utils import create_samplers, get_dataloader, load_split_datal
 from recbole.utils import FeatureType, ModelType, get_model, set_color
 from recbole.utils.argument_list import dataset_arguments
 
-from recbole_blossom.model import MODELS
+from recbole_blossom.model import MODELS, target_list_field
+from recbole_blossom.model.base import SEQ_TRAIN_MODES
 
 SEQ_PIPELINES = ("windows", "recbole")
-SEQ_TRAIN_MODES = ("per_prefix", "every_position")
-
-
-def target_list_field(config):
-    """Name of the every-position target field, e.g. ``target_item_id_list``.
-
-    Same one-liner as ``recbole_blossom.model.target_list_field`` (shared contract); defined here until that
-    lands, so data does not wait on models.
-    """
-    return "target_" + config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]
 
 
 def seq_pipeline(config):
