@@ -15,10 +15,11 @@ from tiny_runs import inside, tiny
 
 import recbole_blossom  # noqa: F401  (applies the shims)
 from recbole_blossom.checkpoint import CheckpointError, protocol2_pickle, resolve_model_class
-from recbole_blossom.compat import checkpoint_safe_globals, safe_torch_load
+from recbole_blossom.checkpoint import load_checked as safe_torch_load
+from recbole_blossom.checkpoint import static_safe_globals as checkpoint_safe_globals
 from recbole_blossom.config import BlossomConfig
 from recbole_blossom.model import BlossomSASRec
-from recbole_blossom.quick_start import _build_model, _prepare, load_data_and_model, run_recbole
+from recbole_blossom.quick_start import build_model, load_data_and_model, prepare, run_recbole
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,8 @@ def pickle_protocol(path):
 
 def trainer_for(model, directory, **overrides):
     config = BlossomConfig(model, "ml-100k", config_dict=tiny(directory, **overrides))
-    _, train_data, valid_data, test_data = _prepare(config)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, _build_model(config, train_data))
+    _, train_data, valid_data, test_data = prepare(config)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, build_model(config, train_data))
     return trainer, train_data, valid_data, test_data
 
 

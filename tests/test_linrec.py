@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import recbole_blossom
 from recbole_blossom import BlossomAttention, BlossomConfig, BlossomHParams, BlossomLinRec, LinRec, get_model_class
 from recbole_blossom.model.linrec import LinRecAttention, linrec_attention
-from recbole_blossom.quick_start import _prepare
+from recbole_blossom.quick_start import prepare
 
 # tiny_runs' config (small Blossom blocks, so LTIS selects among several blocks) with two layers and
 # sequences long enough for the padding tests.
@@ -37,7 +37,7 @@ def naive_linrec(q, k, v, lengths):
 def data(tmp_path_factory):
     config = BlossomConfig(model="LinRec", dataset="ml-100k",
                            config_dict={**SMALL, "checkpoint_dir": str(tmp_path_factory.mktemp("saved"))})
-    return config, *_prepare(config)[1:]  # the quick start's data preparation: train, valid, test
+    return config, *prepare(config)[1:]  # the quick start's data preparation: train, valid, test
 
 
 def build(model_class, data, **overrides):

@@ -12,10 +12,12 @@ from tiny_runs import tiny
 
 import recbole_blossom
 from recbole_blossom import BlossomHParams
-from recbole_blossom.checks import DatasetFormatError, DatasetNotFoundError, check_atomic_files, check_processes
-from recbole_blossom.compat import safe_torch_load
+from recbole_blossom.checks import DatasetFormatError, DatasetNotFoundError, check_atomic_files
+from recbole_blossom.distributed import check_processes
+from recbole_blossom.checkpoint import load_checked as safe_torch_load
 from recbole_blossom.config import BlossomConfig, get_model_class
-from recbole_blossom.quick_start import _build_model, _prepare, check_dataset
+from recbole_blossom.checks import check_dataset
+from recbole_blossom.quick_start import build_model, prepare
 
 # ------------------------------------------------------------------------------------ hyperparameters
 
@@ -221,8 +223,8 @@ def test_same_seed_gives_the_same_run(tmp_path, monkeypatch):
 def test_mixed_precision_trains_without_nan(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = BlossomConfig("BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path, enable_amp=True))
-    _, train_data, valid_data, _ = _prepare(config)
-    model = _build_model(config, train_data)
+    _, train_data, valid_data, _ = prepare(config)
+    model = build_model(config, train_data)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     seen = []
     attention = model.trm_encoder.layer[0].multi_head_attention
