@@ -29,7 +29,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,6 +36,7 @@ import recbole_blossom  # noqa: E402,F401  (applies the RecBole compatibility sh
 from recbole.model.layers import MultiHeadAttention  # noqa: E402
 from recbole.model.sequential_recommender import SASRec  # noqa: E402
 
+from recbole_blossom.config import model_defaults  # noqa: E402
 from recbole_blossom.model import BlossomSASRec  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,14 +96,7 @@ def model_classes():
 
 
 def make_config(max_len, device, extra):
-    with open(os.path.join(ROOT, "properties", "model", "BlossomSASRec.yaml")) as f:
-        config = yaml.safe_load(f)  # the SASRec keys are the shared reference settings
-    for key, value in config.items():  # PyYAML reads 1e-12 as a string
-        if isinstance(value, str):
-            try:
-                config[key] = float(value)
-            except ValueError:
-                pass
+    config = model_defaults("BlossomSASRec")  # the SASRec keys are the shared reference settings
     config.update(FIELDS, MAX_ITEM_LIST_LENGTH=max_len, device=device, **extra)
     return config
 

@@ -9,11 +9,13 @@ RecBole as a config dict typed the way RecBole types its command line (``"1"`` -
 
 import argparse
 import contextlib
+import difflib
 import sys
 
 from recbole.config import Config
 
-from recbole_blossom.checks import InputError
+from recbole_blossom.checks import TYPO_CUTOFF, InputError
+from recbole_blossom.config import known_keys
 
 
 class UsageError(InputError):
@@ -57,8 +59,23 @@ def parse(parser, argv):
     status 2 and its usage line on a bad one, as every argparse program does).
     """
     args, rest = parser.parse_known_args(argv)
+    _check_option_typos(parser, [a[2:].split("=", 1)[0] for a in rest if a.startswith("--")])
     args.overrides = split_overrides(rest)
     return args, args.overrides
+
+
+def _check_option_typos(parser, keys):
+    """UsageError for a ``--key`` that is (nearly) one of the entry point's options and no config key, e.g.
+    ``--no_plot`` for ``--no-plot`` (it would otherwise be passed on as an unknown config key). ``model`` and
+    ``dataset`` are set by the entry point's own options, so ``--model`` next to ``--models`` is a typo too."""
+    options = {o[2:].replace("-", "_"): o for o in parser._option_string_actions if o.startswith("--")}
+    known = known_keys() - {"model", "dataset"}
+    for key in keys:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key.replace("-", "_"), options, n=1, cutoff=TYPO_CUTOFF)
+        if close:
+            raise UsageError(f"--{key} is not an option of this command; did you mean {options[close[0]]}?")
 
 
 def as_arguments(overrides):

@@ -74,7 +74,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
-    logger.info(sys.argv)
+    logger.info(sys.orig_argv)  # the command as typed (entry points hide sys.argv from RecBole)
     logger.info(config)
     dataset, train_data, valid_data, test_data = prepare(config)
     logger.info(dataset)
