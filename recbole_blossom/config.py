@@ -43,7 +43,7 @@ from recbole_blossom.model import MODELS
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _RECBOLE = os.path.dirname(os.path.abspath(recbole.__file__))
-# Keys a RecBole source file reads: config["key"], config.get("key"), final_config_dict["key"], ...
+# Keys a RecBole source file reads: a literal name in config[...], config.get(...), final_config_dict[...]
 _READ_KEY = re.compile(r"""\w*config\w*\s*(?:\[\s*|\.get\(\s*)["']([A-Za-z_]\w*)["']""")
 
 

@@ -1,23 +1,32 @@
 """Bad input fails clearly before any work; training is reproducible, AMP-safe and runs in several processes."""
 
+import glob
+import logging
 import math
 import os
+import re
 import socket
 
 import pytest
 import torch
 from recbole.data import create_dataset
+from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import get_trainer
 from tiny_runs import tiny
 
 import recbole_blossom
 from recbole_blossom import BlossomHParams
-from recbole_blossom.checks import DatasetFormatError, DatasetNotFoundError, check_atomic_files
+from recbole_blossom.checkpoint import load_checked
+from recbole_blossom.checks import (
+    DatasetFormatError,
+    DatasetNotFoundError,
+    InputError,
+    check_atomic_files,
+    check_dataset,
+)
+from recbole_blossom.config import BlossomConfig, get_model_class, known_keys
 from recbole_blossom.distributed import check_processes
-from recbole_blossom.checkpoint import load_checked as safe_torch_load
-from recbole_blossom.config import BlossomConfig, get_model_class
-from recbole_blossom.checks import check_dataset
-from recbole_blossom.quick_start import build_model, prepare
+from recbole_blossom.quick_start import build_model, make_config, prepare
 
 # ------------------------------------------------------------------------------------ hyperparameters
 
@@ -78,6 +87,129 @@ def test_model_names_resolve_to_plugin_then_recbole_classes():
 
     assert get_model_class("BlossomSASRec") is recbole_blossom.BlossomSASRec
     assert get_model_class("SASRec") is SASRec
+
+
+# ------------------------------------------------------------------------------ checks before any work
+
+
+@pytest.mark.parametrize("model, overrides, pattern", [
+    ("SASRec", {"MAX_ITEM_LIST_LENGTH": 0}, "MAX_ITEM_LIST_LENGTH must be a positive integer .* got 0"),
+    ("BlossomSASRec", {"MAX_ITEM_LIST_LENGTH": -3}, "MAX_ITEM_LIST_LENGTH must be a positive integer .* got -3"),
+    ("LinRec", {"hidden_size": 30, "n_heads": 4}, r"hidden_size \(30\) must be divisible by n_heads \(4\)"),
+    ("SASRec", {"hidden_size": 30, "n_heads": 4}, r"hidden_size \(30\) must be divisible by n_heads \(4\)"),
+    pytest.param("BlossomSASRec", {"blossom_impl": "fast"}, "blossom_impl=fast runs Triton kernels on a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine")),
+])
+def test_late_failures_are_checked_before_any_work(workdir, tiny_config, model, overrides, pattern):
+    with pytest.raises(InputError, match=pattern):
+        recbole_blossom.run(model, "ml-100k", config_dict=tiny_config(**overrides))
+    assert os.listdir(workdir) == []  # no log/, no saved/: nothing started
+
+
+def test_heads_are_only_checked_for_models_that_have_them(tmp_path):
+    config = BlossomConfig("GRU4Rec", "ml-100k", config_dict=tiny(tmp_path, n_heads=3, hidden_size=16))
+    assert config["n_heads"] == 3  # GRU4Rec has no attention heads: nothing to check
+
+
+def test_recbole_config_errors_become_input_errors(tmp_path):
+    with pytest.raises(InputError, match="dataset need to be specified"):
+        make_config("SASRec", None, config_dict=tiny(tmp_path))
+    with pytest.raises(InputError, match="no metric named 'Recal'"):
+        make_config("SASRec", "ml-100k", config_dict=tiny(tmp_path, metrics=["Recal"]))
+
+
+# -------------------------------------------------------------------------------------- config keys
+
+
+def test_typo_in_a_config_file_names_the_file_the_key_and_the_intended_key(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("epochs: 1\nn_slc_block: 8\n")
+    with pytest.raises(InputError, match=f"'n_slc_block' \\(from {re.escape(str(path))}\\) is unknown; "
+                                         f"did you mean 'n_slc_blocks'"):
+        BlossomConfig("BlossomSASRec", "ml-100k", config_file_list=[str(path)])
+
+
+@pytest.mark.parametrize("key, intended", [
+    ("epoch", "epochs"), ("learning_rte", "learning_rate"), ("max_item_list_length", "MAX_ITEM_LIST_LENGTH"),
+    ("stis_windw", "stis_window"), ("train_neg_sample_arg", "train_neg_sample_args"), ("hiden_size", "hidden_size"),
+])
+def test_typo_in_a_config_dict_is_an_error(key, intended):
+    with pytest.raises(InputError, match=f"config key '{key}' .* did you mean '{intended}'"):
+        BlossomConfig("BlossomSASRec", "ml-100k", config_dict={key: 1})
+
+
+def test_legitimate_keys_pass(tmp_path):
+    """Keys RecBole reads without a yaml default, dataset keys, the plugin's keys: no error, no warning."""
+    given = {"load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "benchmark_filename": None,
+             "numerical_features": [], "encoding": "utf-8", "unused_col": None, "val_interval": None,
+             "n_slc_blocks": 2, "ltis_chunk_size": 64, "worker": 0, "wandb_project": "x", "enable_amp": False,
+             "discretization": None, "kg_reverse_r": False, "checkpoint_dir": str(tmp_path)}
+    config = BlossomConfig("BlossomSASRec", "ml-100k", config_dict=given)
+    assert all(config[key] == value for key, value in given.items() if key != "load_col")
+
+
+def test_other_unknown_keys_are_passed_on_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        config = BlossomConfig("SASRec", "ml-100k", config_dict={"my_experiment_tag": "run-7"})
+    assert config["my_experiment_tag"] == "run-7"
+    assert "my_experiment_tag (from the config dict or the command line)" in caplog.text
+
+
+class KnobRec(SequentialRecommender):
+    """A user's own model: the keys its module reads are known."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.knob = config["my_knob_size"]
+
+
+def test_keys_of_a_users_own_model_are_known(caplog):
+    with caplog.at_level(logging.WARNING):
+        config = BlossomConfig(KnobRec, "ml-100k", config_dict={"my_knob_size": 3, "loss_type": "CE"})
+    assert config["my_knob_size"] == 3 and "my_knob_size" not in caplog.text
+    with pytest.raises(InputError, match="'my_knob_sise' .* did you mean 'my_knob_size'"):
+        BlossomConfig(KnobRec, "ml-100k", config_dict={"my_knob_sise": 3, "loss_type": "CE"})
+
+
+def test_every_key_the_plugin_reads_is_known():
+    """The plugin's keys reach the typo check through their yaml defaults (properties/): none is missing."""
+    root = os.path.dirname(os.path.abspath(recbole_blossom.__file__))
+    read = set()
+    for path in glob.glob(os.path.join(root, "**", "*.py"), recursive=True):
+        with open(path, encoding="utf-8") as f:
+            read |= set(re.findall(r"""config\w*\s*(?:\[\s*|\.get\(\s*)["']([A-Za-z_]\w*)["']""", f.read()))
+    assert read and read <= known_keys(), sorted(read - known_keys())
+
+
+# ---------------------------------------------------------------------------- protocol defaults, device
+
+
+def test_pairwise_models_get_negative_sampling_back(tmp_path):
+    bpr = BlossomConfig("BPR", "ml-100k")
+    assert bpr["train_neg_sample_args"]["distribution"] == "uniform" and bpr["train_neg_sample_args"]["sample_num"] == 1
+    pairwise_blossom = BlossomConfig("BlossomSASRec", "ml-100k", config_dict={"loss_type": "BPR"})
+    assert pairwise_blossom["train_neg_sample_args"]["distribution"] == "uniform"
+    assert BlossomConfig("SASRec", "ml-100k")["train_neg_sample_args"]["distribution"] == "none"  # CE: protocol
+    with pytest.raises(InputError, match="BPR trains on pairs .* train_neg_sample_args is None in your config"):
+        BlossomConfig("BPR", "ml-100k", config_dict={"train_neg_sample_args": None})
+
+
+def test_bpr_trains_under_the_shared_protocol(workdir, tiny_config):
+    result = recbole_blossom.run("BPR", "ml-100k", config_dict=tiny_config(embedding_size=16))
+    assert set(result["test_result"]) == {"recall@10", "mrr@10", "ndcg@10"}
+    assert all(math.isfinite(v) for v in result["test_result"].values())
+
+
+def test_data_path_is_stored_absolute(workdir):
+    (workdir / "data" / "toy").mkdir(parents=True)
+    config = BlossomConfig("SASRec", "toy", config_dict={"data_path": "data"})
+    assert config["data_path"] == str(workdir / "data" / "toy")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only machine")
+def test_device_settings_read_as_used_without_cuda():
+    config = BlossomConfig("SASRec", "ml-100k")
+    assert config["use_gpu"] is False and config["gpu_id"] == "" and config["device"].type == "cpu"
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -162,6 +294,39 @@ def test_malformed_inter_file_names_file_line_and_column(tmp_path, inter, overri
     assert str(tmp_path / "toy" / "toy.inter") in str(err.value)
 
 
+def test_protocol_columns_are_loaded_by_default(tmp_path, monkeypatch):
+    """RecBole's default load_col keeps user and item only; the protocol orders by time."""
+    monkeypatch.chdir(tmp_path)
+    toy_config(tmp_path)
+    config = BlossomConfig("SASRec", "toy", config_dict={**tiny(tmp_path), "data_path": str(tmp_path),
+                                                        "user_inter_num_interval": None})
+    assert config["load_col"]["inter"] == ["user_id", "item_id", "timestamp"]
+    check_dataset(config)
+    assert "timestamp" in create_dataset(config).field2type
+    session = [line.replace("user_id", "session") for line in GOOD_INTER]
+    toy_config(tmp_path, inter=session)
+    config = BlossomConfig("SASRec", "toy", config_dict={"data_path": str(tmp_path), "USER_ID_FIELD": "session"})
+    assert config["load_col"]["inter"] == ["user_id", "item_id", "session", "timestamp"]
+
+
+def test_load_col_without_the_time_column_says_what_to_add(tmp_path):
+    config = toy_config(tmp_path, load_col={"inter": ["user_id", "item_id"]})
+    with pytest.raises(DatasetFormatError, match=r"add it to load_col \(e\.g\. load_col: \{inter: \[user_id, item_id, "
+                                                 r"timestamp\]\}\) or remove load_col"):
+        check_dataset(config)
+
+
+def test_bad_value_past_the_sampled_rows_names_file_and_line(workdir):
+    rows = [f"{u}\t{i}\t{u * 100 + i}" for u in range(1, 5001) for i in range(1, 21)]  # 100,000 rows
+    rows.append("7\t3\tlate-bad")  # line 100,002: beyond the 100,000 rows the pre-check reads
+    folder = workdir / "big"
+    folder.mkdir()
+    (folder / "big.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"big\.inter: line 100002, column 3 \(timestamp\) holds 'late-bad'"):
+        recbole_blossom.run("SASRec", "big", config_dict={**tiny(workdir), "data_path": str(workdir),
+                                                          "user_inter_num_interval": None})
+
+
 def test_time_column_is_optional_when_not_ordering_by_time(tmp_path):
     inter = [line.rsplit("\t", 1)[0] for line in GOOD_INTER]
     config = toy_config(tmp_path, inter=inter, eval_args={"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO",
@@ -212,7 +377,7 @@ def test_same_seed_gives_the_same_run(tmp_path, monkeypatch):
                      for name in ("a", "b"))
     assert first["best_valid_result"] == second["best_valid_result"]
     assert first["test_result"] == second["test_result"]
-    weights = [safe_torch_load(r["saved_model_file"])["state_dict"] for r in (first, second)]
+    weights = [load_checked(r["saved_model_file"])["state_dict"] for r in (first, second)]
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
 
@@ -256,7 +421,7 @@ def test_two_process_cpu_training_with_gloo(tmp_path, monkeypatch):
     assert result["model"] == "BlossomSASRec"
     assert set(result["test_result"]) == {"recall@10", "mrr@10", "ndcg@10"}
     assert all(math.isfinite(v) for v in result["best_valid_result"].values())
-    checkpoint = safe_torch_load(result["saved_model_file"])
+    checkpoint = load_checked(result["saved_model_file"])
     assert checkpoint["config"]["world_size"] == 2 and checkpoint["config"]["single_spec"] is False
 
 
