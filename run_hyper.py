@@ -148,7 +148,10 @@ def main(argv=None):
         try:
             args = parse_args(argv)
             names = check_params_file(args.params_file, args.algo)
-            check_config_keys({name: args.params_file for name in names}, known_keys())
+            unknown = check_config_keys({name: args.params_file for name in names}, known_keys())
+            if unknown:
+                print(f"warning: {args.params_file} sets {', '.join(unknown)}, which neither RecBole nor "
+                      f"recbole_blossom reads (passed on: your own model may read them)", file=sys.stderr)
             fixed = cli.typed(args.overrides)
             fixed.update({k: v for k, v in (("model", args.model), ("dataset", args.dataset)) if v is not None})
             check_dataset(make_config(config_dict=fixed, config_file_list=args.config_files or None))
