@@ -10,6 +10,7 @@ Any other ``--key=value`` (or ``--key value``) sets a config key; it wins over t
 import os
 import sys
 
+import recbole_blossom
 from recbole_blossom import cli
 
 # A CPU-sized configuration for the no-argument demo: a few minutes on 2 cores.
@@ -55,8 +56,6 @@ def result_table(result):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    import recbole_blossom  # after parsing: --help answers without loading RecBole and torch
-
     try:
         args = parse_args(argv)
         if not argv:
