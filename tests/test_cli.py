@@ -111,3 +111,13 @@ def test_bad_input_is_one_line_before_any_work(workdir, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert sorted(os.listdir(workdir)) == before  # no log/, no saved/
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only bad input is one line; an error from inside the work (here a KeyError) is not hidden."""
+    def crash(*args, **kwargs):
+        raise KeyError("neg_item_id")
+
+    monkeypatch.setattr(recbole_blossom, "run", crash)
+    with pytest.raises(KeyError, match="neg_item_id"):
+        run_cli.main(["--model=SASRec", "--dataset=ml-100k"])
