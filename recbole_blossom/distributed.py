@@ -11,10 +11,12 @@ RecBole trains in several processes with NCCL on one GPU each. The plugin adds:
 * :func:`share_checkpoint_name`: every process reads rank 0's checkpoint file.
 """
 
+import recbole.trainer.trainer as trainer_module
 import torch
 import torch.distributed as dist
-import recbole.trainer.trainer as trainer_module
 from torch.nn.parallel import DistributedDataParallel
+
+from recbole_blossom.checks import InputError
 
 
 def gpu_ids(config):
@@ -29,17 +31,17 @@ def uses_gpus(config):
 
 
 def check_processes(config, nproc, world_size, group_offset):
-    """Raise ValueError naming the argument when a multi-process run cannot start as asked.
+    """Raise InputError naming the argument when a multi-process run cannot start as asked.
 
     RecBole asserts without a message when ``gpu_id`` lists fewer GPUs than ``nproc``; ranks beyond
     ``world_size`` hang in ``init_process_group``.
     """
     for name, value, low in (("nproc", nproc, 1), ("group_offset", group_offset, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
     if world_size != -1 and (isinstance(world_size, bool) or not isinstance(world_size, int)
                              or world_size < group_offset + nproc):
-        raise ValueError(
+        raise InputError(
             f"world_size ({world_size!r}) must be -1 (= nproc) or at least group_offset + nproc "
             f"({group_offset} + {nproc}): the processes of this machine take global ranks "
             f"{group_offset}..{group_offset + nproc - 1}"
@@ -48,7 +50,7 @@ def check_processes(config, nproc, world_size, group_offset):
         gpu_id = gpu_ids(config)
         gpus = [g for g in gpu_id.split(",") if g.strip()]
         if len(gpus) < nproc:
-            raise ValueError(
+            raise InputError(
                 f"nproc={nproc} needs one GPU per process, but gpu_id lists {len(gpus)} ({gpu_id!r}); "
                 f"pass e.g. --gpu_id={','.join(map(str, range(nproc)))}"
             )

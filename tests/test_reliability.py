@@ -24,7 +24,7 @@ from recbole_blossom.checks import (
     check_atomic_files,
     check_dataset,
 )
-from recbole_blossom.config import BlossomConfig, get_model_class, known_keys
+from recbole_blossom.config import BlossomConfig, get_model_class, known_keys, model_defaults
 from recbole_blossom.distributed import check_processes
 from recbole_blossom.quick_start import build_model, make_config, prepare
 
@@ -59,8 +59,7 @@ def test_reference_hyperparameters_are_valid():
     BlossomHParams().validate()  # no error: the failures above come from the bad values
 
 
-def test_bad_hyperparameters_fail_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_bad_hyperparameters_fail_before_any_work(tmp_path, workdir):
     with pytest.raises(ValueError, match="n_heads .* n_kv_heads"):
         recbole_blossom.run("BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path, n_heads=4, n_kv_heads=3))
     assert os.listdir(tmp_path) == []  # no log, no checkpoint folder: nothing started
@@ -69,8 +68,7 @@ def test_bad_hyperparameters_fail_before_any_work(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------- model names
 
 
-def test_unknown_model_lists_the_available_ones(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_unknown_model_lists_the_available_ones(tmp_path, workdir):
     with pytest.raises(ValueError) as err:
         get_model_class("BlossomSASRek")
     message = str(err.value)
@@ -181,6 +179,16 @@ def test_every_key_the_plugin_reads_is_known():
     assert read and read <= known_keys(), sorted(read - known_keys())
 
 
+def test_model_defaults_are_the_models_own_yaml():
+    """What benchmarks/efficiency.py builds its models from: the model's yaml, typed as RecBole types it."""
+    blossom = model_defaults("BlossomSASRec")
+    assert blossom["layer_norm_eps"] == 1e-12 and isinstance(blossom["layer_norm_eps"], float)  # not the string
+    assert blossom["n_heads"] == 8 and blossom["stis_sink"] is True and "epochs" not in blossom  # no protocol keys
+    assert model_defaults("SASRec")["n_heads"] == 2  # RecBole's own yaml
+    assert model_defaults("NoSuchModel") == {}
+    assert BlossomConfig("BlossomSASRec", "ml-100k")["n_slc_blocks"] == blossom["n_slc_blocks"]
+
+
 # ---------------------------------------------------------------------------- protocol defaults, device
 
 
@@ -232,8 +240,7 @@ def toy_config(root, inter=GOOD_INTER, item=None, **overrides):
     return BlossomConfig("SASRec", "toy", config_dict=config_dict)
 
 
-def test_valid_toy_dataset_passes_and_recbole_loads_it(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_valid_toy_dataset_passes_and_recbole_loads_it(tmp_path, workdir):
     items = ["1\ta b\t2.5", "2\t\t", "3\tc\t1e3", "4\td\t-1", "5\ta\t0", "6\tb c\t.5"]
     config = toy_config(tmp_path, item=["item_id:token\tgenre:token_seq\tprice:float", *items])
     check_dataset(config)
@@ -371,8 +378,7 @@ def test_rows_beyond_the_sample_are_not_read(tmp_path):
 FEWER = {"user_inter_num_interval": "[20,22)"}  # whole runs: about 100 users of ml-100k
 
 
-def test_same_seed_gives_the_same_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_same_seed_gives_the_same_run(tmp_path, workdir):
     first, second = (recbole_blossom.run("BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path / name, seed=7, **FEWER))
                      for name in ("a", "b"))
     assert first["best_valid_result"] == second["best_valid_result"]
@@ -385,8 +391,7 @@ def test_same_seed_gives_the_same_run(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ AMP
 
 
-def test_mixed_precision_trains_without_nan(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_mixed_precision_trains_without_nan(tmp_path, workdir):
     config = BlossomConfig("BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path, enable_amp=True))
     _, train_data, valid_data, _ = prepare(config)
     model = build_model(config, train_data)
@@ -414,8 +419,7 @@ def free_port():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path; GPUs take RecBole's NCCL path")
-def test_two_process_cpu_training_with_gloo(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_two_process_cpu_training_with_gloo(tmp_path, workdir):
     result = recbole_blossom.run("BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path, **FEWER), nproc=2,
                                  port=free_port())
     assert result["model"] == "BlossomSASRec"
@@ -431,8 +435,7 @@ def test_two_process_cpu_training_with_gloo(tmp_path, monkeypatch):
     (2, 4, 3, r"world_size \(4\) .* ranks 3..4"),
     (2, 4, -1, "group_offset must be an integer >= 0, got -1"),
 ])
-def test_bad_process_layout_fails_before_spawning(tmp_path, monkeypatch, nproc, world_size, group_offset, pattern):
-    monkeypatch.chdir(tmp_path)
+def test_bad_process_layout_fails_before_spawning(tmp_path, workdir, nproc, world_size, group_offset, pattern):
     with pytest.raises(ValueError, match=pattern):
         recbole_blossom.run("BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path), nproc=nproc,
                             world_size=world_size, group_offset=group_offset)
