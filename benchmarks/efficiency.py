@@ -39,7 +39,6 @@ from recbole.model.sequential_recommender import SASRec  # noqa: E402
 from recbole_blossom.config import model_defaults  # noqa: E402
 from recbole_blossom.model import BlossomSASRec  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = dict(USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", LIST_SUFFIX="_list",
               ITEM_LIST_LENGTH_FIELD="item_length", NEG_PREFIX="neg_")
 

@@ -16,11 +16,10 @@ distributed.install()
 
 from recbole_blossom.attention import BlossomAttention, BlossomHParams  # noqa: E402
 from recbole_blossom.checkpoint import CheckpointError  # noqa: E402
-from recbole_blossom.checks import USER_ERRORS, DatasetFormatError, InputError  # noqa: E402
+from recbole_blossom.checks import USER_ERRORS, DatasetFormatError, DatasetNotFoundError, InputError  # noqa: E402
 from recbole_blossom.config import BlossomConfig, available_models, get_model_class  # noqa: E402
 from recbole_blossom.model import MODELS, BlossomLinRec, BlossomSASRec, LinRec  # noqa: E402
 from recbole_blossom.quick_start import (  # noqa: E402
-    DatasetNotFoundError,
     load_data_and_model,
     objective_function,
     run,

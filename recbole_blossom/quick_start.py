@@ -18,13 +18,7 @@ from recbole.utils import get_environment, get_trainer, init_logger, init_seed, 
 
 from recbole_blossom import distributed
 from recbole_blossom.checkpoint import load_checked
-from recbole_blossom.checks import (  # noqa: F401  (DatasetFormatError is part of the API)
-    DatasetFormatError,
-    DatasetNotFoundError,
-    InputError,
-    check_atomic_files,
-    check_dataset,
-)
+from recbole_blossom.checks import DatasetNotFoundError, InputError, check_atomic_files, check_dataset
 from recbole_blossom.config import BlossomConfig, get_model_class
 
 
