@@ -4,11 +4,14 @@
     python run_recbole_blossom.py --model=BlossomSASRec --dataset=ml-1m
     python run_recbole_blossom.py --model=SASRec --dataset=ml-100k --config_files="a.yaml b.yaml" --epochs=5
 
-Any other ``--key=value`` overrides a config key (RecBole reads them from the command line).
+Any other ``--key=value`` (or ``--key value``) sets a config key; it wins over the config files.
 """
 
-import argparse
+import os
 import sys
+
+import recbole_blossom
+from recbole_blossom import cli
 
 # A CPU-sized configuration for the no-argument demo: a few minutes on 2 cores.
 DEMO = {
@@ -29,7 +32,8 @@ DEMO = {
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The options below, and ``args.overrides``: ``{key: raw value}`` of every other ``--key``."""
+    parser = cli.new_parser(__doc__)
     parser.add_argument("--model", "-m", type=str, default=None, help="plugin or RecBole model name")
     parser.add_argument("--dataset", "-d", type=str, default=None, help="dataset name")
     parser.add_argument("--config_files", type=str, default=None, help="space-separated yaml files")
@@ -38,7 +42,7 @@ def parse_args(argv):
     parser.add_argument("--port", type=str, default="5678", help="master port of torch.distributed")
     parser.add_argument("--world_size", type=int, default=-1, help="processes over all machines")
     parser.add_argument("--group_offset", type=int, default=0, help="global rank of this machine's first process")
-    args, _ = parser.parse_known_args(argv)
+    args, _ = cli.parse(parser, argv)
     return args
 
 
@@ -52,24 +56,27 @@ def result_table(result):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    import recbole_blossom
-
-    if not argv:
-        model, dataset, config_dict = DEMO["model"], DEMO["dataset"], dict(DEMO["config_dict"])
-        print(f"No arguments: running the demo, {model} on {dataset} with a CPU-sized config {config_dict}")
-    else:
-        model, dataset, config_dict = args.model, args.dataset, None
-    config_files = args.config_files.strip().split(" ") if args.config_files else None
     try:
-        result = recbole_blossom.run(model, dataset, config_file_list=config_files, config_dict=config_dict,
-                                     nproc=args.nproc, world_size=args.world_size, ip=args.ip, port=args.port,
-                                     group_offset=args.group_offset)
-    except (recbole_blossom.DatasetNotFoundError, ValueError, KeyError) as err:
+        args = parse_args(argv)
+        if not argv:
+            model, dataset, config_dict = DEMO["model"], DEMO["dataset"], dict(DEMO["config_dict"])
+            print(f"No arguments: running the demo, {model} on {dataset} with a CPU-sized config {config_dict}")
+        else:
+            model, dataset, config_dict = args.model, args.dataset, cli.typed(args.overrides)
+        config_files = args.config_files.split() if args.config_files else None
+        with cli.hidden_argv():
+            result = recbole_blossom.run(model, dataset, config_file_list=config_files, config_dict=config_dict,
+                                         nproc=args.nproc, world_size=args.world_size, ip=args.ip, port=args.port,
+                                         group_offset=args.group_offset)
+    except recbole_blossom.USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result is not None:
         print(f"\n{result['model']} on {dataset or ''}\n{result_table(result)}")
+        if result.get("saved_model_file"):
+            print(f"checkpoint: {os.path.abspath(result['saved_model_file'])}")
+        if result.get("log_file"):
+            print(f"log: {result['log_file']}")
     return 0
 
 

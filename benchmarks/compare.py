@@ -14,19 +14,18 @@ over training and testing; ``n/a`` on CPU) and the epochs run.
 Outputs under ``--out``: ``results/<dataset>__<model>__<mode>.json`` (one a finished pair), ``results.md``,
 ``results.csv`` and ``results.png`` (``-uni100`` in the names for that mode), and RecBole's logs and
 checkpoints. A rerun skips the pairs already finished with the same settings (so an interrupted sweep
-resumes); ``--force`` reruns them. Any ``--key=value`` not listed below overrides a RecBole config key
-for every pair, e.g. ``--train_batch_size=256 --hidden_size=32`` for a small CPU run.
+resumes); ``--force`` reruns them. Any ``--key=value`` (or ``--key value``) not listed below overrides a
+RecBole config key for every pair, e.g. ``--train_batch_size=256 --hidden_size=32`` for a small CPU run.
 """
 
-import argparse
 import contextlib
 import csv
 import gc
 import json
+import logging
 import os
 import sys
 import time
-import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -34,13 +33,12 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from recbole.utils import get_trainer, init_logger  # noqa: E402
 
-import recbole_blossom  # noqa: E402,F401  (applies the RecBole compatibility shims)
-from recbole_blossom.config import BlossomConfig, get_model_class  # noqa: E402
-from recbole_blossom.quick_start import DatasetNotFoundError, _build_model, _prepare, check_dataset  # noqa: E402
-
-# RecBole 1.2.1 on today's torch warns on every pair; the log tail of a sweep is worth more than these lines.
-warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning)
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+import recbole_blossom  # noqa: E402  (applies the RecBole compatibility shims)
+from recbole_blossom import cli  # noqa: E402
+from recbole_blossom.checks import check_dataset  # noqa: E402
+from recbole_blossom.cli import UsageError  # noqa: E402
+from recbole_blossom.config import get_model_class  # noqa: E402
+from recbole_blossom.quick_start import build_model, make_config as make_blossom_config, prepare  # noqa: E402
 
 DEFAULT_MODELS = "GRU4Rec,SASRec,LinRec,BlossomSASRec,BlossomLinRec"
 METRICS = ("recall@10", "ndcg@10", "mrr@10")
@@ -62,13 +60,9 @@ class _TimeBudgetSpent(Exception):
     """Raised between epochs once ``--max-train-minutes`` is spent."""
 
 
-class UsageError(ValueError):
-    """Bad command-line input; the message says what is allowed."""
-
-
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="Other --key=value arguments override RecBole config keys.")
+    parser = cli.new_parser(__doc__, epilog="Other --key=value (or --key value) arguments override RecBole "
+                                            "config keys.")
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default {DEFAULT_MODELS})")
     parser.add_argument("--datasets", default="ml-100k", help="comma-separated dataset names (default ml-100k)")
     shared = [os.path.join(base, "shared", "datasets") for base in (os.path.dirname(ROOT), ROOT)]
@@ -87,16 +81,11 @@ def parse_args(argv):
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each pair's best checkpoint")
     parser.add_argument("--no-plot", action="store_true", help="skip the bar chart")
     parser.add_argument("--verbose", action="store_true", help="RecBole's per-epoch log on the console")
-    args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and a.count("=") == 1 and len(a.split("=")[0]) > 2)]
-    if bad:
-        raise UsageError(f"unrecognised arguments {bad}: config overrides are written --key=value, "
-                         f"options are listed by --help")
+    args, _ = cli.parse(parser, argv)
     if args.epochs is not None and args.epochs <= 0:
         raise UsageError(f"--epochs must be a positive integer, got {args.epochs}")
     if args.max_train_minutes is not None and args.max_train_minutes <= 0:
         raise UsageError(f"--max-train-minutes must be a positive number, got {args.max_train_minutes}")
-    args.overrides = rest
     args.models = _names(args.models, "--models")
     args.datasets = _names(args.datasets, "--datasets")
     args.config_files = args.config_files.split() if args.config_files else []
@@ -114,17 +103,6 @@ def _names(text, flag):
 
 
 @contextlib.contextmanager
-def recbole_argv(overrides):
-    """RecBole's ``Config`` reads ``--key=value`` from ``sys.argv``: show it only the overrides."""
-    saved = sys.argv
-    sys.argv = [saved[0], *overrides]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-@contextlib.contextmanager
 def working_directory(path):
     """RecBole writes ``log/`` and ``log_tensorboard/`` under the working directory: keep them in ``--out``."""
     saved = os.getcwd()
@@ -137,7 +115,7 @@ def working_directory(path):
 
 def pair_settings(args, model):
     """Everything that decides a pair's result besides model and dataset (compared on resume)."""
-    settings = {"config": dict(REFERENCE.get(model, {})), "overrides": list(args.overrides),
+    settings = {"config": dict(REFERENCE.get(model, {})), "overrides": cli.as_arguments(args.overrides),
                 "config_files": [os.path.abspath(p) for p in args.config_files], "eval_mode": args.eval_mode}
     if args.epochs is not None:
         settings["config"]["epochs"] = args.epochs
@@ -151,10 +129,10 @@ def pair_settings(args, model):
 
 def make_config(args, model, dataset, out_dir):
     config_dict = {**pair_settings(args, model)["config"], "data_path": os.path.abspath(args.data_path),
-                   "checkpoint_dir": os.path.join(out_dir, "saved", dataset), "show_progress": False}
-    with recbole_argv(args.overrides):
-        return BlossomConfig(model=model, dataset=dataset, config_file_list=args.config_files or None,
-                             config_dict=config_dict)
+                   "checkpoint_dir": os.path.join(out_dir, "saved", dataset), "show_progress": False,
+                   **cli.typed(args.overrides)}  # the command line wins, as in RecBole
+    with cli.hidden_argv():
+        return make_blossom_config(model, dataset, args.config_files or None, config_dict)
 
 
 def validate(args, out_dir):
@@ -194,8 +172,6 @@ def _sync(device):
 
 
 def _setup_logging(config, verbose):
-    import logging
-
     root = logging.getLogger()
     for handler in root.handlers[:]:
         root.removeHandler(handler)
@@ -210,8 +186,8 @@ def run_pair(args, model, dataset, out_dir):
     config = make_config(args, model, dataset, out_dir)
     with working_directory(out_dir):
         _setup_logging(config, args.verbose)
-        _, train_data, valid_data, test_data = _prepare(config)
-        net = _build_model(config, train_data)
+        _, train_data, valid_data, test_data = prepare(config)
+        net = build_model(config, train_data)
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
         device = torch.device(config["device"])
         epoch_times = []
@@ -308,7 +284,7 @@ def write_tables(rows, out_dir, suffix, command, eval_mode):
 
 def plot(rows, path):
     """Grouped bars: one panel a dataset, one group a metric, one bar a model."""
-    import matplotlib
+    import matplotlib  # here, not at the top: only the plot needs it (--no-plot runs without matplotlib)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,7 +315,6 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         out_dir = os.path.abspath(args.out)
-        os.makedirs(out_dir, exist_ok=True)
         validate(args, out_dir)
         pairs = [(d, m) for d in args.datasets for m in args.models]
         done = {}
@@ -348,9 +323,10 @@ def main(argv=None):
                                                          pair_settings(args, m))
             if stored is not None:
                 done[d, m] = stored["row"]
-    except (UsageError, DatasetNotFoundError, ValueError, KeyError) as err:
+    except recbole_blossom.USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    os.makedirs(out_dir, exist_ok=True)  # only now: a refused run leaves no empty --out behind
 
     failed = []
     for i, (dataset, model) in enumerate(pairs, 1):
@@ -368,7 +344,8 @@ def main(argv=None):
         write_json(result_path(out_dir, dataset, model, args.eval_mode),
                    {"settings": pair_settings(args, model), "row": row})
         done[dataset, model] = row
-        print(f"{tag}: done in {row['total_s']:.0f}s, {row['epochs_run']} epochs at {row['sec_per_epoch']:.2f}"
+        epochs = f"{row['epochs_run']} epoch{'' if row['epochs_run'] == 1 else 's'}"
+        print(f"{tag}: done in {row['total_s']:.0f}s, {epochs} at {row['sec_per_epoch']:.2f}"
               f" s/epoch; test NDCG@10 {_fmt('ndcg@10', row['ndcg@10'])}, Recall@10 "
               f"{_fmt('recall@10', row['recall@10'])}", flush=True)
 
@@ -377,9 +354,13 @@ def main(argv=None):
     command = "python benchmarks/compare.py " + " ".join(argv)
     if rows:
         write_tables(rows, out_dir, suffix, command, args.eval_mode)
+        with open(os.path.join(out_dir, f"results{suffix}.md"), encoding="utf-8") as f:
+            print("\n" + f.read(), flush=True)
+        written = [f"results{suffix}.md", f"results{suffix}.csv"]
         if not args.no_plot:
             plot(rows, os.path.join(out_dir, f"results{suffix}.png"))
-        print(f"tables: {os.path.join(out_dir, f'results{suffix}.md')} and .csv", flush=True)
+            written.append(f"results{suffix}.png")
+        print(f"written to {out_dir}: {', '.join(written)}", flush=True)
     if failed:
         print(f"{len(failed)} pair(s) failed: {', '.join(failed)}; rerun the same command to retry them",
               file=sys.stderr)

@@ -28,16 +28,15 @@ import sys
 import time
 
 import torch
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import recbole_blossom  # noqa: E402,F401  (applies the RecBole compatibility shims)
 from recbole.model.sequential_recommender import SASRec  # noqa: E402
 
+from recbole_blossom.config import model_defaults  # noqa: E402
 from recbole_blossom.model import BlossomSASRec, SASRecSDPA  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = dict(USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", LIST_SUFFIX="_list",
               ITEM_LIST_LENGTH_FIELD="item_length", NEG_PREFIX="neg_")
 
@@ -65,14 +64,7 @@ def model_classes():
 
 
 def make_config(max_len, device, extra):
-    with open(os.path.join(ROOT, "properties", "model", "BlossomSASRec.yaml")) as f:
-        config = yaml.safe_load(f)  # the SASRec keys are the shared reference settings
-    for key, value in config.items():  # PyYAML reads 1e-12 as a string
-        if isinstance(value, str):
-            try:
-                config[key] = float(value)
-            except ValueError:
-                pass
+    config = model_defaults("BlossomSASRec")  # the SASRec keys are the shared reference settings
     config.update(FIELDS, MAX_ITEM_LIST_LENGTH=max_len, device=device, **extra)
     return config
 

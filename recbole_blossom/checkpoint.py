@@ -17,24 +17,40 @@ RecBole's trainer saves with ``pickle_protocol=4``, whose opcodes torch's ``weig
 read. The plugin's trainer shim saves with protocol 2 instead; checkpoints written by stock RecBole are
 re-encoded to protocol 2 in memory by :func:`protocol2_pickle` (an opcode-for-opcode translation, no
 unpickling), then loaded by torch's ``weights_only`` unpickler like any other.
+
+:func:`install` routes RecBole's trainer through this module: its ``torch.load`` is :func:`load_checked`
+(``Trainer.resume_checkpoint`` and ``Trainer.evaluate`` refuse a checkpoint of another model), its
+``torch.save`` is :func:`save`.
 """
 
 import contextlib
 import contextvars
 import enum
+import functools
 import importlib
 import io
 import os
 import pickle
 import pickletools
 import struct
+import types
 import zipfile
 import zlib
 
+import numpy as np
+import recbole.trainer.trainer as trainer_module
 import torch
+import yaml
+from recbole.config import Config
+from recbole.model.abstract_recommender import AbstractRecommender
+from recbole.utils import enum_type
+from torch._weights_only_unpickler import _get_allowed_globals
+
+from recbole_blossom.checks import InputError
+from recbole_blossom.config import BlossomConfig
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be loaded safely: unreadable, holding a disallowed type, or of another model."""
 
 
@@ -42,14 +58,10 @@ class CheckpointError(ValueError):
 
 
 def static_safe_globals():
-    """The fixed types a RecBole checkpoint pickles besides tensors and builtins."""
-    import numpy as np
-    import yaml
-    from recbole.config import Config
-    from recbole.utils import enum_type
+    """The fixed types a RecBole checkpoint pickles besides tensors and builtins.
 
-    from recbole_blossom.config import BlossomConfig
-
+    Model classes are allowed per checkpoint, by :func:`resolve_model_class`.
+    """
     enums = [
         obj
         for obj in vars(enum_type).values()
@@ -67,13 +79,9 @@ def _global_name(obj):
 def resolve_model_class(name):
     """The model class a checkpoint's ``module.Name`` refers to, or None when it is not an allowed model.
 
-    Allowed: the plugin's models, and subclasses of ``AbstractRecommender`` defined in ``recbole.model.*``.
-    Only modules of those two packages are imported to resolve a name.
+    Allowed: subclasses of RecBole's ``AbstractRecommender`` defined in ``recbole_blossom.model.*`` (the
+    plugin's models) or ``recbole.model.*``. Only modules of those two packages are imported to resolve a name.
     """
-    from recbole.model.abstract_recommender import AbstractRecommender
-
-    from recbole_blossom.model import MODELS
-
     module_name, _, attr = name.rpartition(".")
     if not module_name.startswith(("recbole.model.", "recbole_blossom.model.")) or not attr.isidentifier():
         return None
@@ -81,10 +89,7 @@ def resolve_model_class(name):
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError):
         return None
-    if obj in MODELS.values():
-        return obj
-    if (isinstance(obj, type) and issubclass(obj, AbstractRecommender) and obj.__module__ == module_name
-            and module_name.startswith("recbole.model.")):
+    if isinstance(obj, type) and issubclass(obj, AbstractRecommender) and obj.__module__ == module_name:
         return obj
     return None
 
@@ -194,8 +199,6 @@ def _globals_in(pkl):
 
 def _allowed_globals(path, names):
     """Static allow-list plus the model classes named in the checkpoint; CheckpointError for anything else."""
-    from torch._weights_only_unpickler import _get_allowed_globals
-
     static = static_safe_globals()
     allowed = {_global_name(obj): obj for obj in static}
     builtin = set(_get_allowed_globals())
@@ -283,3 +286,52 @@ def save(obj, f, **kwargs):
     """``torch.save`` with pickle protocol 2, which ``weights_only`` loading reads (RecBole asks for 4)."""
     kwargs["pickle_protocol"] = 2
     torch.save(obj, f, **kwargs)
+
+
+# ------------------------------------------------------------------------------------- RecBole's trainer
+
+
+class _TorchWithSafeLoad(types.ModuleType):
+    """The ``torch`` module as RecBole's trainer sees it: everything as is, ``load`` and ``save`` made safe.
+
+    ``load`` is :func:`load_checked`; ``save`` is :func:`save` (pickle protocol 2; RecBole asks for 4, which
+    ``weights_only`` loading cannot read).
+    """
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, map_location=None, **kwargs):
+        if kwargs.get("weights_only") is False:
+            raise ValueError("recbole_blossom never loads checkpoints with weights_only=False")
+        return load_checked(f, map_location=map_location)
+
+    @staticmethod
+    def save(obj, f, **kwargs):
+        save(obj, f, **kwargs)
+
+
+def _expecting_own_model(method):
+    """Wrap a trainer method so that checkpoints it loads must be of the trainer's model."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with expecting_model(self.config["model"]):
+            return method(self, *args, **kwargs)
+
+    wrapper._recbole_blossom_checked = True
+    return wrapper
+
+
+def install():
+    """Route RecBole's trainer checkpoint loading and saving through this module (idempotent).
+
+    ``Trainer.resume_checkpoint`` and ``Trainer.evaluate`` refuse a checkpoint of another model (RecBole only
+    warns, then fails inside ``load_state_dict``).
+    """
+    trainer_module.torch = _TorchWithSafeLoad("torch")
+    for name in ("resume_checkpoint", "evaluate"):
+        method = getattr(trainer_module.Trainer, name)
+        if not getattr(method, "_recbole_blossom_checked", False):
+            setattr(trainer_module.Trainer, name, _expecting_own_model(method))

@@ -1,4 +1,6 @@
-"""Checks that run before any work: the dataset's atomic files and the plugin models' hyperparameters.
+"""Checks that run before any work: config keys and values, the dataset's atomic files, the plugin models'
+hyperparameters. Every failure here is bad input: :class:`InputError` (a ``ValueError``), or
+:class:`DatasetNotFoundError` (a ``FileNotFoundError``); :data:`USER_ERRORS` holds both for entry points.
 
 RecBole reads atomic files late (after the logger, the config dump and the model are set up) and its errors
 about malformed files do not name the file (``not enough values to unpack``, ``could not convert string to
@@ -6,23 +8,35 @@ float``). :func:`check_atomic_files` reads each file's header and a bounded samp
 :class:`DatasetFormatError` naming the file, the line and column, and what is allowed.
 """
 
+import difflib
+import importlib.util
 import os
 
-from recbole.utils import FeatureType
+import torch
+from recbole.utils import FeatureType, ModelType
 
-from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
+from recbole_blossom.model import MODELS
+
 
 # Rows checked per atomic file; the header is always checked. Bounded so huge files cost little.
 SAMPLE_ROWS = 100_000
 ALLOWED_TYPES = tuple(t.value for t in FeatureType)
 
 
+class InputError(ValueError):
+    """Bad input (config key or value, arguments, data) found before any work; the message says what to do."""
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset's atomic files are not on disk (RecBole would try to download them)."""
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(InputError):
     """An atomic file RecBole would load is malformed (its message names the file, line and column)."""
+
+
+# What an entry point reports as one line ("error: ..."); anything else is a bug and keeps its traceback.
+USER_ERRORS = (InputError, DatasetNotFoundError)
 
 
 def atomic_files(config):
@@ -104,7 +118,7 @@ def _check_float(path, line_no, index, field, value, rule):
 
 
 def check_rows(path, columns, loaded, sep, seq_sep, encoding, max_rows=SAMPLE_ROWS):
-    """Check the first ``max_rows`` rows: the column count, and numbers in loaded float columns.
+    """Check the first ``max_rows`` rows (all when None): the column count, and numbers in loaded float columns.
 
     Returns the number of non-empty rows checked.
     """
@@ -115,7 +129,7 @@ def check_rows(path, columns, loaded, sep, seq_sep, encoding, max_rows=SAMPLE_RO
         with open(path, encoding=encoding) as f:
             f.readline()
             for line_no, line in enumerate(f, start=2):
-                if line_no > max_rows + 1:
+                if max_rows is not None and line_no > max_rows + 1:
                     break
                 line = line.rstrip("\r\n")
                 if not line:
@@ -154,7 +168,7 @@ def required_inter_fields(config):
 def check_atomic_files(config, max_rows=SAMPLE_ROWS):
     """Raise DatasetFormatError when an atomic file RecBole would load for ``config`` is malformed.
 
-    Missing files are reported by ``recbole_blossom.quick_start.check_dataset`` (DatasetNotFoundError).
+    Missing ``.inter`` files are reported by :func:`check_dataset` (DatasetNotFoundError).
     """
     sep, seq_sep = config["field_separator"], config["seq_separator"]
     encoding = config["encoding"] or "utf-8"
@@ -177,45 +191,97 @@ def check_atomic_files(config, max_rows=SAMPLE_ROWS):
                     )
                 if not _is_loaded(field, loaded):
                     raise DatasetFormatError(
-                        f"{path}: column '{field}' ({key}{why}) is needed, but load_col/unload_col leaves it out")
+                        f"{path}: column '{field}' ({key}{why}) is needed, but load_col/unload_col leaves it out; "
+                        f"add it to load_col (e.g. load_col: {{inter: [{', '.join(required_inter_fields(config).values())}]}}"
+                        f") or remove load_col to load the columns the protocol needs")
         rows = check_rows(path, columns, loaded, sep, seq_sep, encoding, max_rows)
         if rows == 0 and source.startswith("inter"):
             raise DatasetFormatError(f"{path}: the header is followed by no interactions")
 
 
 def check_model_config(config):
-    """Validate the plugin's Blossom hyperparameters before any data is loaded (ValueError names the key)."""
-    from recbole_blossom.model import MODELS
+    """Validate the plugin model's keys before any data is loaded (InputError names the key)."""
+    model_class = MODELS.get(config["model"])
+    if model_class is not None:
+        try:
+            model_class.check_config(config)
+        except ValueError as err:
+            raise InputError(str(err)) from None
 
-    if config["model"] in MODELS and config["model"].startswith("Blossom"):
-        BlossomHParams.from_config(config)
-        BlossomRuntime.from_config(config)
 
+def check_dataset(config):
+    """Raise before any work when the dataset's files are missing or malformed, or the hyperparameters invalid.
 
-def check_processes(config, nproc, world_size, group_offset):
-    """Raise ValueError naming the argument when a multi-process run cannot start as asked.
-
-    RecBole asserts without a message when ``gpu_id`` lists fewer GPUs than ``nproc``; ranks beyond
-    ``world_size`` hang in ``init_process_group``.
+    :class:`DatasetNotFoundError` for missing files, :class:`DatasetFormatError` (naming file, line and column)
+    for malformed ones, :class:`InputError` naming the key for invalid Blossom hyperparameters.
     """
-    import torch
-
-    for name, value, low in (("nproc", nproc, 1), ("group_offset", group_offset, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if world_size != -1 and (isinstance(world_size, bool) or not isinstance(world_size, int)
-                             or world_size < group_offset + nproc):
-        raise ValueError(
-            f"world_size ({world_size!r}) must be -1 (= nproc) or at least group_offset + nproc "
-            f"({group_offset} + {nproc}): the processes of this machine take global ranks "
-            f"{group_offset}..{group_offset + nproc - 1}"
+    check_model_config(config)
+    name, path = config["dataset"], os.path.abspath(config["data_path"])
+    benchmark = config["benchmark_filename"]
+    wanted = [f"{name}.{part}.inter" for part in benchmark] if benchmark else [f"{name}.inter"]
+    missing = [f for f in wanted if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        where = "the folder does not exist" if not os.path.isdir(path) else f"it lacks {', '.join(missing)}"
+        raise DatasetNotFoundError(
+            f"dataset '{name}' not found: looked in {path} ({where}). RecBole would try to download it, "
+            f"which needs internet. Get the atomic files of '{name}' (for public datasets: "
+            f"https://recbole.io/dataset_list.html), put {wanted[0]} in {path}, or point data_path "
+            f"(--data_path) to the folder that holds {name}/{wanted[0]}."
         )
-    gpu_id = config["gpu_id"]
-    gpu_id = ",".join(map(str, gpu_id)) if isinstance(gpu_id, tuple) else str(gpu_id)
-    if torch.cuda.is_available() and config["use_gpu"] and gpu_id:
-        gpus = [g for g in gpu_id.split(",") if g.strip()]
-        if len(gpus) < nproc:
-            raise ValueError(
-                f"nproc={nproc} needs one GPU per process, but gpu_id lists {len(gpus)} ({gpu_id!r}); "
-                f"pass e.g. --gpu_id={','.join(map(str, range(nproc)))}"
-            )
+    check_atomic_files(config)
+
+
+# Unknown keys at least this close to a known key (difflib ratio, case-insensitive) are taken for typos.
+TYPO_CUTOFF = 0.85
+
+
+def check_config_keys(sources, known):
+    """InputError for a given key that is not known but close to a known one (a typo); returns the other
+    unknown keys (sorted), which the caller passes on with a warning.
+
+    ``sources``: ``{key: where it was given}`` (a file, or the config dict / command line); ``known``: the
+    keys RecBole and the plugin know.
+    """
+    lowered = {}
+    for key in known:
+        lowered.setdefault(key.lower(), key)
+    unknown = []
+    for key in sorted(sources):
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key.lower(), lowered, n=1, cutoff=TYPO_CUTOFF)
+        if close:
+            raise InputError(
+                f"config key '{key}' (from {sources[key]}) is unknown; did you mean '{lowered[close[0]]}'? "
+                f"Fix the name: an unknown key would be ignored and the default used instead")
+        unknown.append(key)
+    return unknown
+
+
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_values(config, model_keys):
+    """Values RecBole or the models would refuse only after the data is loaded (InputError names the key).
+
+    ``config``: the final config dict; ``model_keys``: the keys the model's own yaml sets.
+    """
+    if config.get("MODEL_TYPE") == ModelType.SEQUENTIAL and not _positive_int(config.get("MAX_ITEM_LIST_LENGTH")):
+        raise InputError(f"MAX_ITEM_LIST_LENGTH must be a positive integer (the longest input sequence), "
+                         f"got {config.get('MAX_ITEM_LIST_LENGTH')!r}")
+    if {"hidden_size", "n_heads"} <= set(model_keys):
+        hidden, heads = config.get("hidden_size"), config.get("n_heads")
+        for key, value in (("hidden_size", hidden), ("n_heads", heads)):
+            if not _positive_int(value):
+                raise InputError(f"{key} must be a positive integer, got {value!r}")
+        if hidden % heads:
+            raise InputError(f"hidden_size ({hidden}) must be divisible by n_heads ({heads}): each head takes "
+                             f"hidden_size / n_heads channels")
+    if config.get("blossom_impl") == "fast":
+        on_gpu = torch.cuda.is_available() and config.get("use_gpu") and str(config.get("gpu_id", "")) != ""
+        if not on_gpu or importlib.util.find_spec("triton") is None:
+            why = "Triton is not installed" if on_gpu else "no CUDA GPU is in use on this machine"
+            raise InputError(f"blossom_impl=fast runs Triton kernels on a CUDA GPU, but {why}; use "
+                             f"blossom_impl=auto (the fast path where it can run, the PyTorch path otherwise) "
+                             f"or blossom_impl=torch")

@@ -11,12 +11,11 @@ test in ``tests/test_compat.py``:
   ``Dataset._fill_nan`` is replaced by an assignment-based version. Also under pandas 3, ``Series.agg(len)``
   reduces the whole column instead of measuring each sequence, which breaks every ``token_seq`` /
   ``float_seq`` feature; the RecBole dataset methods that call it get pandas 2's element-wise meaning.
-* ``safe_checkpoints``: torch >= 2.6 refuses RecBole checkpoints (they pickle RecBole's ``Config``).
-  RecBole's trainer loads them through :func:`safe_torch_load`: ``weights_only=True`` plus an explicit
-  allow-list of the types a RecBole checkpoint holds (:mod:`recbole_blossom.checkpoint`). The safety is
-  never switched off. The trainer saves with pickle protocol 2 instead of RecBole's 4, whose opcodes
-  (FRAME, STACK_GLOBAL, ...) torch's safe unpickler refuses; protocol-4 files of stock RecBole are
-  re-encoded in memory, then loaded the same safe way.
+* ``writable_tensors``: under pandas 3 a column's ``.values`` is a read-only view; RecBole's dataset turns it
+  into a tensor that shares the read-only memory (torch warns, on every run, that writing to it is undefined
+  behaviour). RecBole's dataset module gets ``LongTensor`` / ``FloatTensor`` that copy read-only arrays.
+* ``amp_without_deprecation``: RecBole's trainer builds ``torch.cuda.amp.GradScaler`` / ``autocast``, which
+  torch deprecated (a ``FutureWarning`` on every run); it gets ``torch.amp``'s, for CUDA, as before.
 * ``concurrent_ensure_dir``: the processes of a multi-process run race to create the same folders with
   RecBole's check-then-create ``ensure_dir``; the loser died with ``FileExistsError``.
 * ``no_global_anomaly_mode``: importing RecBole's sequential models (``sine.py``) switches on autograd
@@ -34,11 +33,18 @@ Ray is not needed: the plugin never imports ``recbole.quick_start`` (which impor
 import functools
 import inspect
 import os
+import sys
 import types
 
 import numpy as np
 import pandas as pd
+import recbole.data.dataset.dataset as dataset_module
+import recbole.trainer.hyper_tuning as hyper_tuning_module
+import recbole.trainer.trainer as trainer_module
+import recbole.utils.utils as utils_module
 import torch
+from recbole.data.dataset import KnowledgeBasedDataset
+from recbole.utils import FeatureType
 
 _APPLIED = False
 
@@ -68,8 +74,6 @@ def _read_csv_filling_seq(*args, **kwargs):
 
 def _fill_nan(self):
     """RecBole's ``Dataset._fill_nan`` written with assignments, so it works under copy-on-write."""
-    from recbole.utils import FeatureType
-
     for feat_name in self.feat_name_list:
         feat = getattr(self, feat_name)
         for field in feat:
@@ -106,91 +110,15 @@ def _elementwise_len_agg(method):
 
 def pandas_seq_fillna():
     """Make RecBole's NaN handling effective under pandas copy-on-write (pandas 3)."""
-    import recbole.data.dataset.dataset as dataset_module
-
     proxy = types.ModuleType("pandas_seq_fillna_proxy")
     proxy.__dict__.update({k: getattr(pd, k) for k in dir(pd) if not k.startswith("__")})
     proxy.read_csv = _read_csv_filling_seq
     dataset_module.pd = proxy
     dataset_module.Dataset._fill_nan = _fill_nan
-    from recbole.data.dataset import KnowledgeBasedDataset
-
     for cls in (dataset_module.Dataset, KnowledgeBasedDataset):
         for name, method in list(vars(cls).items()):
             if callable(method) and "agg(len)" in inspect.getsource(method):
                 setattr(cls, name, _elementwise_len_agg(method))
-
-
-def checkpoint_safe_globals():
-    """The fixed types a RecBole checkpoint pickles besides tensors and builtins (the static allow-list).
-
-    Model classes are allowed per checkpoint, by :func:`recbole_blossom.checkpoint.resolve_model_class`.
-    """
-    from recbole_blossom.checkpoint import static_safe_globals
-
-    return static_safe_globals()
-
-
-def safe_torch_load(path, map_location=None):
-    """Load a RecBole checkpoint with ``weights_only=True`` and an explicit allow-list.
-
-    See :mod:`recbole_blossom.checkpoint`: a disallowed type, an unreadable file or (inside the trainer) a
-    checkpoint of another model raises :class:`recbole_blossom.checkpoint.CheckpointError`.
-    """
-    from recbole_blossom.checkpoint import load_checked
-
-    return load_checked(path, map_location=map_location)
-
-
-class _TorchWithSafeLoad(types.ModuleType):
-    """The ``torch`` module as RecBole's trainer sees it: everything as is, ``load`` and ``save`` made safe.
-
-    ``load`` is :func:`safe_torch_load`; ``save`` writes pickle protocol 2 (RecBole asks for 4, which
-    ``weights_only`` loading cannot read).
-    """
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def load(f, map_location=None, **kwargs):
-        if kwargs.get("weights_only") is False:
-            raise ValueError("recbole_blossom never loads checkpoints with weights_only=False")
-        return safe_torch_load(f, map_location=map_location)
-
-    @staticmethod
-    def save(obj, f, **kwargs):
-        from recbole_blossom.checkpoint import save
-
-        save(obj, f, **kwargs)
-
-
-def _expecting_own_model(method):
-    """Wrap a trainer method so that checkpoints it loads must be of the trainer's model."""
-    from recbole_blossom.checkpoint import expecting_model
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with expecting_model(self.config["model"]):
-            return method(self, *args, **kwargs)
-
-    wrapper._recbole_blossom_checked = True
-    return wrapper
-
-
-def safe_checkpoints():
-    """Route RecBole's trainer checkpoint loading and saving through :class:`_TorchWithSafeLoad`.
-
-    ``Trainer.resume_checkpoint`` and ``Trainer.evaluate`` refuse a checkpoint of another model (RecBole only
-    warns, then fails inside ``load_state_dict``).
-    """
-    import recbole.trainer.trainer as trainer_module
-
-    trainer_module.torch = _TorchWithSafeLoad("torch")
-    for name in ("resume_checkpoint", "evaluate"):
-        method = getattr(trainer_module.Trainer, name)
-        if not getattr(method, "_recbole_blossom_checked", False):
-            setattr(trainer_module.Trainer, name, _expecting_own_model(method))
 
 
 def no_global_anomaly_mode():
@@ -199,31 +127,11 @@ def no_global_anomaly_mode():
     If RecBole's models were imported before the plugin, the switch RecBole made cannot be told apart from
     the user's and anomaly detection is switched off.
     """
-    import sys
-
     before = False if "recbole.model.sequential_recommender.sine" in sys.modules else torch.is_anomaly_enabled()
+    # Imported here, not at the top: the user's setting must be read before sine.py changes it.
     import recbole.model.sequential_recommender  # noqa: F401  (sine.py calls set_detect_anomaly(True))
 
     torch.autograd.set_detect_anomaly(before)
-
-
-def _ddp_on_any_device(module, device_ids=None, **kwargs):
-    """RecBole's ``DistributedDataParallel(model, device_ids=[rank])``; CPU modules get no ``device_ids``."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if next(module.parameters()).device.type == "cpu":
-        device_ids = None
-    return DistributedDataParallel(module, device_ids=device_ids, **kwargs)
-
-
-def cpu_distributed():
-    """Let RecBole's multi-process training run on CPUs (gloo): its trainer passes GPU ``device_ids`` to DDP.
-
-    The process group itself is set up by ``BlossomConfig._init_device`` (gloo when no GPU is used).
-    """
-    import recbole.trainer.trainer as trainer_module
-
-    trainer_module.DistributedDataParallel = _ddp_on_any_device
 
 
 class _NumpyForHyperTuning(types.ModuleType):
@@ -242,8 +150,6 @@ class _NumpyForHyperTuning(types.ModuleType):
 
 def hyper_tuning_numpy2():
     """Let RecBole's ``HyperTuning`` (exhaustive search, ``plot_hyper``) run on numpy 2 and hyperopt 0.3."""
-    import recbole.trainer.hyper_tuning as hyper_tuning_module
-
     hyper_tuning_module.np = _NumpyForHyperTuning()
 
 
@@ -256,14 +162,49 @@ def concurrent_ensure_dir():
     """Several processes of one run (``--nproc``) create the same checkpoint and log folders at once;
     RecBole's ``ensure_dir`` checks, then creates, so the slower process dies with ``FileExistsError``.
     Every RecBole module that imported it gets the race-free version."""
-    import sys
-
-    import recbole.utils.utils as utils_module
-
     original = utils_module.ensure_dir
     for name, module in list(sys.modules.items()):
         if name.startswith("recbole.") and getattr(module, "ensure_dir", None) is original:
             module.ensure_dir = _ensure_dir
+
+
+def _writable(value):
+    return np.array(value) if isinstance(value, np.ndarray) and not value.flags.writeable else value
+
+
+class _TorchCopyingReadOnly(types.ModuleType):
+    """``torch`` as RecBole's dataset module sees it: ``LongTensor`` / ``FloatTensor`` copy read-only arrays."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def LongTensor(*args):  # noqa: N802  (torch's name)
+        return torch.LongTensor(*map(_writable, args))
+
+    @staticmethod
+    def FloatTensor(*args):  # noqa: N802  (torch's name)
+        return torch.FloatTensor(*map(_writable, args))
+
+
+def writable_tensors():
+    """Tensors of RecBole's dataset own their memory (pandas 3 hands out read-only arrays)."""
+    dataset_module.torch = _TorchCopyingReadOnly("torch")
+
+
+class _CudaAmp(types.ModuleType):
+    """``torch.cuda.amp`` as RecBole's trainer sees it: ``GradScaler`` / ``autocast`` from ``torch.amp``."""
+
+    GradScaler = staticmethod(functools.partial(torch.amp.GradScaler, "cuda"))
+    autocast = staticmethod(functools.partial(torch.amp.autocast, "cuda"))
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda.amp, name)
+
+
+def amp_without_deprecation():
+    """RecBole's trainer uses the non-deprecated ``torch.amp`` API (same behaviour, no FutureWarning)."""
+    trainer_module.amp = _CudaAmp("torch.cuda.amp")
 
 
 def apply():
@@ -274,8 +215,8 @@ def apply():
     numpy_aliases()
     no_global_anomaly_mode()
     pandas_seq_fillna()
-    safe_checkpoints()
-    cpu_distributed()
+    writable_tensors()
+    amp_without_deprecation()
     concurrent_ensure_dir()
     hyper_tuning_numpy2()
     _APPLIED = True

@@ -12,75 +12,72 @@ from logging import getLogger
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from recbole.utils import get_environment, get_trainer, init_logger, init_seed, set_color
 
-from recbole_blossom.checks import (  # noqa: F401  (DatasetFormatError is part of the API)
-    DatasetFormatError,
-    DatasetNotFoundError,
-    check_atomic_files,
-    check_model_config,
-    check_processes,
-)
-from recbole_blossom.compat import safe_torch_load
+from recbole_blossom import distributed
+from recbole_blossom.checkpoint import load_checked
+from recbole_blossom.checks import DatasetNotFoundError, InputError, check_atomic_files, check_dataset
 from recbole_blossom.config import BlossomConfig, get_model_class
 from recbole_blossom.data import create_dataset, data_preparation
 
 
-def check_dataset(config):
-    """Raise before any work when the dataset's files are missing or malformed, or the hyperparameters invalid.
+def make_config(model=None, dataset=None, config_file_list=None, config_dict=None):
+    """``BlossomConfig``; any error while building it is bad input and raised as :class:`InputError`.
 
-    :class:`DatasetNotFoundError` for missing files, :class:`DatasetFormatError` (naming file, line and column)
-    for malformed ones, ``ValueError`` naming the key for invalid Blossom hyperparameters.
+    RecBole's own config errors (a ``KeyError`` for a missing dataset name, a ``ValueError`` for an
+    inconsistent setting, a ``NotImplementedError`` for an unknown metric) become InputError with the same message.
     """
-    check_model_config(config)
-    name, path = config["dataset"], os.path.abspath(config["data_path"])
-    benchmark = config["benchmark_filename"]
-    wanted = [f"{name}.{part}.inter" for part in benchmark] if benchmark else [f"{name}.inter"]
-    missing = [f for f in wanted if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        where = "the folder does not exist" if not os.path.isdir(path) else f"it lacks {', '.join(missing)}"
-        raise DatasetNotFoundError(
-            f"dataset '{name}' not found: looked in {path} ({where}). RecBole would try to download it, "
-            f"which needs internet. Get the atomic files of '{name}' (for public datasets: "
-            f"https://recbole.io/dataset_list.html), put {wanted[0]} in {path}, or point --data_path to the "
-            f"folder that holds {name}/{wanted[0]}."
-        )
-    check_atomic_files(config)
+    try:
+        return BlossomConfig(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    except InputError:
+        raise
+    except (KeyError, ValueError, TypeError, NotImplementedError) as err:
+        raise InputError(err.args[0] if len(err.args) == 1 else str(err)) from None
 
 
-def _prepare(config):
-    """Seed and load the data (checked by the caller); returns ``dataset, train_data, valid_data, test_data``."""
+def prepare(config):
+    """Seed and load the data (checked by the caller); returns ``dataset, train_data, valid_data, test_data``.
+
+    RecBole's errors about a malformed file that the sampled check (:data:`checks.SAMPLE_ROWS` rows) did not
+    reach do not name the file: the whole of each file is then checked for the line to report.
+    """
     init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
+    try:
+        dataset = create_dataset(config)
+    except ValueError:
+        check_atomic_files(config, max_rows=None)  # raises DatasetFormatError naming the file and line
+        raise
     return (dataset, *data_preparation(config, dataset))
 
 
-def _build_model(config, train_data):
+def build_model(config, train_data):
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     return get_model_class(config["model"])(config, train_data._dataset).to(config["device"])
 
 
+def _log_file():
+    """The file RecBole's logger writes (``init_logger``), or None."""
+    return next((h.baseFilename for h in getLogger().handlers if hasattr(h, "baseFilename")), None)
+
+
 def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
     """Train and test one model on one dataset; returns RecBole's result dict."""
-    config = BlossomConfig(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    config = make_config(model, dataset, config_file_list, config_dict)
     check_dataset(config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
-    logger.info(sys.argv)
+    logger.info(sys.orig_argv)  # the command as typed (entry points hide sys.argv from RecBole)
     logger.info(config)
-    dataset, train_data, valid_data, test_data = _prepare(config)
+    dataset, train_data, valid_data, test_data = prepare(config)
     logger.info(dataset)
-    model = _build_model(config, train_data)
+    model = build_model(config, train_data)
     logger.info(model)
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     if not config["single_spec"]:
-        # RecBole names the checkpoint by each process's clock and only rank 0 writes it: every process
-        # must read rank 0's file, and only after rank 0 has finished writing it.
-        names = [trainer.saved_model_file]
-        dist.broadcast_object_list(names, src=0)
-        trainer.saved_model_file = names[0]
+        distributed.share_checkpoint_name(trainer)  # read after rank 0 has written it (the barrier below)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
@@ -98,6 +95,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
+        "log_file": _log_file(),
     }
     if not config["single_spec"]:
         dist.destroy_process_group()
@@ -121,15 +119,12 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
     """RecBole's ``run``: one process, or ``nproc`` processes (``torch.distributed``, NCCL on GPUs)."""
     if nproc == 1 and world_size <= 0:
         return run_recbole(model, dataset, config_file_list, config_dict, saved)
-    import torch.multiprocessing as mp
-
     # Check in this process, so bad input fails once and clearly instead of inside every spawned process
     # (RecBole's Config sets CUDA_VISIBLE_DEVICES; the spawned processes set it themselves).
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
-        config = BlossomConfig(model=model, dataset=dataset, config_file_list=config_file_list,
-                               config_dict=config_dict)
-        check_processes(config, nproc, world_size, group_offset)
+        config = make_config(model, dataset, config_file_list, config_dict)
+        distributed.check_processes(config, nproc, world_size, group_offset)
         check_dataset(config)
     finally:
         if visible is None:
@@ -147,7 +142,7 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
 
 def objective_function(config_dict=None, config_file_list=None, saved=True):
     """Objective for ``recbole.trainer.HyperTuning``: trains one configuration, returns its results."""
-    config = BlossomConfig(config_dict=config_dict, config_file_list=config_file_list)
+    config = make_config(config_dict=config_dict, config_file_list=config_file_list)
     check_dataset(config)
     init_seed(config["seed"], config["reproducibility"])
     logger = getLogger()
@@ -155,8 +150,8 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
         logger.removeHandler(handler)
     init_logger(config)
     logging.basicConfig(level=logging.ERROR)
-    _, train_data, valid_data, test_data = _prepare(config)
-    model = _build_model(config, train_data)
+    _, train_data, valid_data, test_data = prepare(config)
+    model = build_model(config, train_data)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
     test_result = trainer.evaluate(test_data, load_best_model=saved)
@@ -169,24 +164,34 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     }
 
 
-def load_data_and_model(model_file):
+def load_data_and_model(model_file, data_path=None):
     """Load a checkpoint safely, rebuild its data and model.
 
     Returns ``config, model, dataset, train_data, valid_data, test_data`` like RecBole's. A checkpoint
-    trained on a GPU loads on a CPU-only machine.
+    trained on a GPU loads on a CPU-only machine. ``data_path``: the folder that holds ``<dataset>/`` now,
+    when it is not where the checkpoint's run found it (the checkpoint stores that folder; checkpoints of
+    older versions store it relative to the folder the run was started in).
     """
-    checkpoint = safe_torch_load(model_file, map_location="cpu")
+    checkpoint = load_checked(model_file, map_location="cpu")
     config = checkpoint["config"]
     if not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
-    check_dataset(config)
+    if data_path is not None:
+        config["data_path"] = os.path.join(os.path.abspath(data_path), config["dataset"])
+    try:
+        check_dataset(config)
+    except DatasetNotFoundError as err:
+        raise DatasetNotFoundError(
+            f"{err} The checkpoint {model_file} was trained on these files: pass "
+            f"load_data_and_model({model_file!r}, data_path=FOLDER) with the folder that holds "
+            f"{config['dataset']}/ now.") from None
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
     logger.info(config)
-    dataset, train_data, valid_data, test_data = _prepare(config)
+    dataset, train_data, valid_data, test_data = prepare(config)
     logger.info(dataset)
-    model = _build_model(config, train_data)
+    model = build_model(config, train_data)
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data

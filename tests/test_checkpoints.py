@@ -14,11 +14,13 @@ from recbole.utils import get_trainer
 from tiny_runs import inside, tiny
 
 import recbole_blossom  # noqa: F401  (applies the shims)
-from recbole_blossom.checkpoint import CheckpointError, protocol2_pickle, resolve_model_class
-from recbole_blossom.compat import checkpoint_safe_globals, safe_torch_load
+from recbole_blossom.checkpoint import CheckpointError, protocol2_pickle, resolve_model_class, save
+from recbole_blossom.checkpoint import load_checked as safe_torch_load
+from recbole_blossom.checkpoint import static_safe_globals as checkpoint_safe_globals
+from recbole_blossom.checks import DatasetNotFoundError
 from recbole_blossom.config import BlossomConfig
 from recbole_blossom.model import BlossomSASRec
-from recbole_blossom.quick_start import _build_model, _prepare, load_data_and_model, run_recbole
+from recbole_blossom.quick_start import build_model, load_data_and_model, prepare, run_recbole
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,8 @@ def pickle_protocol(path):
 
 def trainer_for(model, directory, **overrides):
     config = BlossomConfig(model, "ml-100k", config_dict=tiny(directory, **overrides))
-    _, train_data, valid_data, test_data = _prepare(config)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, _build_model(config, train_data))
+    _, train_data, valid_data, test_data = prepare(config)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, build_model(config, train_data))
     return trainer, train_data, valid_data, test_data
 
 
@@ -214,3 +216,41 @@ def test_load_data_and_model_reproduces_the_test_result(trained):
         assert isinstance(model, BlossomSASRec) and config["model"] == "BlossomSASRec"
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
         assert trainer.evaluate(test_data, load_best_model=False) == result["test_result"]
+
+
+def test_checkpoint_with_a_relative_data_path_loads_with_data_path(trained, tmp_path):
+    """Checkpoints of older versions store data_path relative to where the run started."""
+    result, directory = trained
+    checkpoint = safe_torch_load(result["saved_model_file"])
+    data_root = os.path.dirname(checkpoint["config"]["data_path"])  # the folder holding ml-100k/
+    assert os.path.isabs(checkpoint["config"]["data_path"])  # what this version stores
+    checkpoint["config"]["data_path"] = os.path.join("dataset", "ml-100k")
+    old = tmp_path / "old.pth"
+    save(checkpoint, old)
+    with inside(tmp_path):
+        with pytest.raises(DatasetNotFoundError, match=r"pass load_data_and_model\(.*old\.pth', data_path=FOLDER\)"):
+            load_data_and_model(str(old))
+        config, model, _, _, _, test_data = load_data_and_model(str(old), data_path=data_root)
+        assert config["data_path"] == os.path.join(data_root, "ml-100k")
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+        assert trainer.evaluate(test_data, load_best_model=False) == result["test_result"]
+
+
+class NotAllowed:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_trainer_loads_checkpoints_weights_only(tmp_path):
+    import recbole.trainer.trainer as trainer_module
+
+    path = tmp_path / "ck.pth"
+    trainer_module.torch.save({"config": BlossomConfig(model="BlossomSASRec", dataset="ml-100k"),
+                               "w": torch.ones(2)}, path)
+    loaded = trainer_module.torch.load(path, map_location="cpu")
+    assert loaded["config"]["model"] == "BlossomSASRec" and torch.equal(loaded["w"], torch.ones(2))
+    with pytest.raises(ValueError, match="weights_only=False"):
+        trainer_module.torch.load(path, weights_only=False)
+    torch.save({"evil": NotAllowed()}, tmp_path / "evil.pth")  # a class outside the allow-list
+    with pytest.raises(Exception, match="print"):
+        trainer_module.torch.load(tmp_path / "evil.pth")

@@ -1,14 +1,21 @@
 """run_recbole_blossom.py end to end, as a user runs it."""
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+import recbole_blossom
+
 CLI = str(Path(__file__).resolve().parents[1] / "run_recbole_blossom.py")
-TINY = ["--user_inter_num_interval=[20,25]", "--hidden_size=16", "--inner_size=32", "--n_heads=2",
-        "--n_kv_heads=1", "--n_layers=1", "--MAX_ITEM_LIST_LENGTH=20", "--train_batch_size=256", "--epochs=1",
-        "--show_progress=False"]
+spec = importlib.util.spec_from_file_location("run_recbole_blossom", CLI)
+run_cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_cli)
 
 
 def cli(args, cwd):
@@ -16,21 +23,58 @@ def cli(args, cwd):
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def test_cli_trains_and_prints_the_metric_table(tmp_path):
+def test_cli_trains_and_prints_the_metric_table(tmp_path, tiny_args):
     config = tmp_path / "mine.yaml"
-    config.write_text("n_slc_blocks: 2\n")
-    res = cli(["--model=BlossomSASRec", "--dataset=ml-100k", f"--config_files={config}", *TINY], tmp_path)
+    config.write_text("n_slc_blocks: 3\n")
+    args = [a for a in tiny_args if not a.startswith("--n_slc_blocks=")]
+    res = cli(["--model=BlossomSASRec", "--dataset=ml-100k", f"--config_files={config}", *args], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     table = res.stdout.split("BlossomSASRec on ml-100k")[-1]
     assert "best valid" in table and "ndcg@10" in table and "recall@10" in table
-    assert "n_slc_blocks = 2" in res.stdout + res.stderr  # the user's file was applied
-    assert list((tmp_path / "saved").glob("BlossomSASRec-*.pth"))  # RecBole's checkpoint, in the user's cwd
+    assert "n_slc_blocks = 3" in res.stdout + res.stderr  # the user's file was applied
+    assert "--dataset=ml-100k" in res.stderr  # the log records the command
+    (checkpoint,) = (tmp_path / "saved").glob("BlossomSASRec-*.pth")  # RecBole's checkpoint, in the user's cwd
+    (log,) = (tmp_path / "log" / "BlossomSASRec").glob("*.log")
+    assert f"checkpoint: {checkpoint}" in table and f"log: {log}" in table  # the end says where things went
 
 
-def test_cli_runs_builtin_models(tmp_path):
-    res = cli(["--model=GRU4Rec", "--dataset=ml-100k", "--embedding_size=16", *TINY], tmp_path)
+def test_cli_runs_builtin_models(tmp_path, tiny_args):
+    res = cli(["--model=GRU4Rec", "--dataset=ml-100k", "--embedding_size=16", *tiny_args], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "GRU4Rec on ml-100k" in res.stdout
+
+
+def write_mydata(root, users=4, steps=6):
+    """dataset/mydata/mydata.inter in the documented format: user, item and a timestamp column."""
+    folder = root / "dataset" / "mydata"
+    folder.mkdir(parents=True)
+    rows = [f"{u}\t{(u * t) % 9 + 1}\t{t}" for u in range(1, users + 1) for t in range(1, steps + 1)]
+    (folder / "mydata.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+def test_custom_dataset_with_a_timestamp_runs_end_to_end(tmp_path, tiny_args, monkeypatch):
+    """The README's custom-data example: --dataset=mydata, the space form --epochs 1, a checkpoint that loads
+    from another folder, no library warnings, the device settings as used."""
+    write_mydata(tmp_path)
+    args = [a for a in tiny_args if not a.startswith(("--epochs=", "--user_inter_num_interval="))]
+    res = cli(["--model=BlossomSASRec", "--dataset=mydata", "--epochs", "1", *args], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "BlossomSASRec on mydata" in res.stdout and "ndcg@10" in res.stdout
+    assert re.search(r"^epochs = 1$", out, re.M)  # the space form reached the config
+    assert "epoch 0 training" in out and "epoch 1 training" not in out
+    assert "Warning" not in res.stderr  # neither torch's GradScaler nor the read-only numpy warning
+    if not torch.cuda.is_available():
+        assert re.search(r"^use_gpu = False$", out, re.M) and re.search(r"^gpu_id = $", out, re.M)
+    (checkpoint,) = (tmp_path / "saved").glob("BlossomSASRec-*.pth")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the checkpoint stores the absolute folder of the data
+    config, model, dataset, *_ = recbole_blossom.load_data_and_model(str(checkpoint))
+    assert config["data_path"] == str(tmp_path / "dataset" / "mydata")
+    assert dataset.user_num == 4 + 1 and "timestamp" in dataset.field2type
 
 
 def test_missing_dataset_gives_a_clear_message_not_a_traceback(tmp_path):
@@ -42,7 +86,38 @@ def test_missing_dataset_gives_a_clear_message_not_a_traceback(tmp_path):
     assert not (tmp_path / "dataset").exists()  # nothing was created or downloaded
 
 
-def test_unknown_model_lists_the_available_ones(tmp_path):
-    res = cli(["--model=NoSuchRec", "--dataset=ml-100k"], tmp_path)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "NoSuchRec" in res.stderr and "BlossomSASRec" in res.stderr and "SASRec" in res.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--model=NoSuchRec"], "model 'NoSuchRec' is unknown"),
+    (["--model=SASRek"], "model 'SASRek' is unknown. Did you mean SASRec"),
+    (["--model=SASRec", "--epoch=1"], "config key 'epoch' (from the config dict or the command line) is unknown; "
+                                      "did you mean 'epochs'?"),
+    (["--model=SASRec", "--max_item_list_length=5"], "did you mean 'MAX_ITEM_LIST_LENGTH'?"),
+    (["--model=SASRec", "--epochs"], "--epochs has no value: write --epochs=VALUE (or --epochs VALUE)"),
+    (["--model=SASRec", "stray"], "unrecognised argument 'stray'"),
+    (["--model=SASRec", "--config_files=missing.yaml"], "config file missing.yaml does not exist"),
+    (["--model=SASRec", "--config_files=broken.yaml"], "config file broken.yaml, line 2 is not valid yaml"),
+    (["--model=BlossomSASRec", "--config_files=typo.yaml"],
+     "config key 'n_slc_block' (from typo.yaml) is unknown; did you mean 'n_slc_blocks'?"),
+    (["--model=SASRec", "--config_files=list.yaml"], "config file list.yaml must hold 'key: value' lines"),
+    (["--model=SASRec", "--MAX_ITEM_LIST_LENGTH=0"], "MAX_ITEM_LIST_LENGTH must be a positive integer"),
+    (["--model=BPR", "--train_neg_sample_args=None"], "BPR trains on pairs of a positive and a sampled negative"),
+])
+def test_bad_input_is_one_line_before_any_work(workdir, capsys, args, message):
+    (workdir / "broken.yaml").write_text("epochs: [1\n")
+    (workdir / "typo.yaml").write_text("n_slc_block: 8\n")
+    (workdir / "list.yaml").write_text("- epochs\n")
+    before = sorted(os.listdir(workdir))
+    assert run_cli.main([*args, "--dataset=ml-100k"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(workdir)) == before  # no log/, no saved/
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only bad input is one line; an error from inside the work (here a KeyError) is not hidden."""
+    def crash(*args, **kwargs):
+        raise KeyError("neg_item_id")
+
+    monkeypatch.setattr(recbole_blossom, "run", crash)
+    with pytest.raises(KeyError, match="neg_item_id"):
+        run_cli.main(["--model=SASRec", "--dataset=ml-100k"])

@@ -26,8 +26,8 @@ def small(tmp_path):
     path = tmp_path / "small.yaml"
     path.write_text('user_inter_num_interval: "[20,30]"\nMAX_ITEM_LIST_LENGTH: 20\n'
                     "train_batch_size: 512\neval_batch_size: 512\n")
-    return ["--config_files", str(path), "--hidden_size=16", "--inner_size=32", "--embedding_size=16",
-            "--n_heads=2"]
+    return ["--config_files", str(path), "--hidden_size", "16", "--inner_size=32", "--embedding_size=16",
+            "--n_heads=2"]  # config keys in both forms
 
 
 def test_sweep_writes_tables_and_resumes(tmp_path, small, capsys, monkeypatch):
@@ -53,7 +53,10 @@ def test_sweep_writes_tables_and_resumes(tmp_path, small, capsys, monkeypatch):
     assert (out / "results.png").stat().st_size > 1000
     assert not list((out / "saved").rglob("*.pth"))  # checkpoints are removed unless --keep-checkpoints
     assert list(cwd.iterdir()) == [] and (out / "log" / "LinRec").is_dir()  # RecBole's logs go under --out
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert table in printed  # the table on the console too
+    assert f"written to {out}: results.md, results.csv, results.png" in printed
+    assert "1 epoch at" in printed and "1 epochs" not in printed
 
     # a rerun trains nothing: every pair is read back
     def no_training(*args, **kwargs):
@@ -99,9 +102,15 @@ def test_interrupted_pair_is_rerun(tmp_path, small, monkeypatch):
     (["--models", "SASRec", "--datasets", "no-such-data", "--data_path", "/nonexistent"],
      "dataset 'no-such-data' not found: looked in /nonexistent/no-such-data"),
     (["--epochs", "0"], "--epochs must be a positive integer"),
-    (["--models", "SASRec", "stray"], "config overrides are written --key=value"),
+    (["--models", "SASRec", "stray"], "config keys are written --key=value (or --key value)"),
+    (["--models", "SASRec", "--hidden_size"], "--hidden_size has no value"),
+    (["--models", "SASRec", "--hiden_size=8"], "config key 'hiden_size' (from the config dict or the command line) "
+                                               "is unknown; did you mean 'hidden_size'?"),
+    (["--model=SASRec"], "--model is not an option of this command; did you mean --models?"),
+    (["--models", "SASRec", "--no_plot"], "did you mean --no-plot?"),
     (["--config_files", "/nonexistent.yaml"], "--config_files: /nonexistent.yaml does not exist"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, message):
     assert compare.main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # a refused run leaves no empty --out behind

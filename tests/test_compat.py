@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -59,26 +60,6 @@ def test_missing_values_are_filled_under_pandas_copy_on_write(atomic_dataset):
     assert not np.isnan(np.asarray(feat["price"], dtype=float)).any()
 
 
-class NotAllowed:
-    def __reduce__(self):
-        return (print, ("this would run on load",))
-
-
-def test_trainer_loads_checkpoints_weights_only(tmp_path):
-    import recbole.trainer.trainer as trainer_module
-
-    path = tmp_path / "ck.pth"
-    trainer_module.torch.save({"config": recbole_blossom.BlossomConfig(model="BlossomSASRec", dataset="ml-100k"),
-                               "w": torch.ones(2)}, path)
-    loaded = trainer_module.torch.load(path, map_location="cpu")
-    assert loaded["config"]["model"] == "BlossomSASRec" and torch.equal(loaded["w"], torch.ones(2))
-    with pytest.raises(ValueError, match="weights_only=False"):
-        trainer_module.torch.load(path, weights_only=False)
-    torch.save({"evil": NotAllowed()}, tmp_path / "evil.pth")  # a class outside the allow-list
-    with pytest.raises(Exception, match="print"):
-        trainer_module.torch.load(tmp_path / "evil.pth")
-
-
 def test_ensure_dir_survives_another_process_creating_the_folder_first(tmp_path, monkeypatch):
     import os
 
@@ -92,3 +73,29 @@ def test_ensure_dir_survives_another_process_creating_the_folder_first(tmp_path,
     for module in (trainer_module, logger_module, data_utils):
         module.ensure_dir(str(folder))  # RecBole's own raised FileExistsError here
     assert folder.is_dir()
+
+
+def test_recbole_dataset_tensors_own_their_memory():
+    """pandas 3 hands out read-only arrays; RecBole's dataset module copies them instead of sharing them."""
+    import recbole.data.dataset.dataset as dataset_module
+
+    array = np.arange(5, dtype=np.int64)
+    array.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" UserWarning would raise here
+        tensor = dataset_module.torch.LongTensor(array)
+        floats = dataset_module.torch.FloatTensor(array.astype(np.float64))
+    tensor[0] = 7  # defined behaviour: the tensor owns its memory
+    assert array[0] == 0 and tensor.tolist() == [7, 1, 2, 3, 4] and floats.dtype == torch.float32
+    assert dataset_module.torch.nn is torch.nn  # everything else is torch's
+
+
+def test_trainer_amp_has_no_deprecation_warning():
+    import recbole.trainer.trainer as trainer_module
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.cuda.amp.GradScaler(...) raises a FutureWarning here
+        scaler = trainer_module.amp.GradScaler(enabled=False)
+        with trainer_module.amp.autocast(enabled=False):
+            pass
+    assert isinstance(scaler, torch.amp.GradScaler) and not scaler.is_enabled()

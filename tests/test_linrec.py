@@ -26,7 +26,7 @@ from recbole_blossom.linear_attention import (
     causal_linrec_attention,
     linrec_attention,
 )
-from recbole_blossom.quick_start import _prepare
+from recbole_blossom.quick_start import prepare
 from recbole_blossom.stis import stis_key_index
 
 # tiny_runs' config (small Blossom blocks, so LTIS selects among several blocks) with two layers and
@@ -89,7 +89,7 @@ def naive_blossom_linrec(layer, x, lengths):
 def data(tmp_path_factory):
     config = BlossomConfig(model="LinRec", dataset="ml-100k",
                            config_dict={**SMALL, "checkpoint_dir": str(tmp_path_factory.mktemp("saved"))})
-    return config, *_prepare(config)[1:]  # the quick start's data preparation: train, valid, test
+    return config, *prepare(config)[1:]  # the quick start's data preparation: train, valid, test
 
 
 def build(model_class, data, **overrides):
