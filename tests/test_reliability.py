@@ -15,7 +15,7 @@ from recbole.utils import get_trainer
 from tiny_runs import tiny
 
 import recbole_blossom
-from recbole_blossom import BlossomHParams
+from recbole_blossom import BlossomHParams, BlossomRuntime
 from recbole_blossom.checkpoint import load_checked
 from recbole_blossom.checks import (
     DatasetFormatError,
@@ -44,15 +44,16 @@ def test_inconsistent_hyperparameters_name_both_keys(overrides, keys):
         assert key in str(err.value)
 
 
-COUNTS = ["hidden_size", "n_heads", "n_kv_heads", "cmp_block_len", "cmp_stride", "slc_block_size", "n_slc_blocks",
-          "stis_window", "ltis_chunk_size"]
+COUNTS = [(BlossomHParams, k) for k in ("hidden_size", "n_heads", "n_kv_heads", "cmp_block_len", "cmp_stride",
+                                         "slc_block_size", "n_slc_blocks", "stis_window")]
+COUNTS.append((BlossomRuntime, "ltis_chunk_size"))
 
 
-@pytest.mark.parametrize("key", COUNTS)
+@pytest.mark.parametrize("schema,key", COUNTS)
 @pytest.mark.parametrize("value", [0, -2, 1.5, "4"])
-def test_non_positive_or_non_integer_counts_are_refused(key, value):
+def test_non_positive_or_non_integer_counts_are_refused(schema, key, value):
     with pytest.raises(ValueError, match=f"^{key} must be a positive integer, got {value!r}"):
-        BlossomHParams(**{key: value}).validate()
+        schema(**{key: value}).validate()
 
 
 def test_reference_hyperparameters_are_valid():
