@@ -10,7 +10,7 @@ import recbole_blossom
 from recbole_blossom import BlossomConfig, BlossomLinRec, BlossomSASRec, LinRec, SASRecSDPA
 from recbole_blossom.model import target_list_field
 from recbole_blossom.model.base import chunked_cross_entropy
-from recbole_blossom.quick_start import _build_model, _prepare
+from recbole_blossom.quick_start import build_model, prepare
 
 L = 24  # with these block sizes LTIS selects 2 of up to 11 past blocks: selection is active
 SIZES = {"hidden_size": 16, "inner_size": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "cmp_block_len": 4,
@@ -145,8 +145,8 @@ def test_epoch_loss_through_the_data_pipeline_equals_the_per_prefix_one(tmp_path
     results = {}
     for mode in ("every_position", "per_prefix"):
         config = BlossomConfig(model="BlossomSASRec", dataset="ml-100k", config_dict={**base, "seq_train_mode": mode})
-        _, train, _, _ = _prepare(config)
-        model = _build_model(config, train).eval()
+        _, train, _, _ = prepare(config)
+        model = build_model(config, train).eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in train:
