@@ -151,15 +151,24 @@ if triton is not None:
         return tl.rand(seed, counter) >= dropout_p
 
     @triton.jit
-    def _rows(pid_t, bhk, L, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, BT: tl.constexpr):
-        """A tile's rows: ``BT`` positions x the ``G`` query heads of kv head ``hkv`` (padded to ``G_P2``)."""
-        b, hkv = (bhk // HKV).to(tl.int64), bhk % HKV
+    def _tile(Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV: tl.constexpr, G: tl.constexpr,
+              G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BT: tl.constexpr):
+        """A forward/dq tile: ``BT`` positions x the ``G`` query heads of one kv head (rows padded to
+        ``G_P2``), its scaled queries, and the offsets its gathers start from."""
+        b, hkv = (tl.program_id(1) // HKV).to(tl.int64), tl.program_id(1) % HKV
         r = tl.arange(0, BT * G_P2)
-        offs_t = pid_t * BT + r // G_P2
+        offs_t = tl.program_id(0) * BT + r // G_P2
         g = r % G_P2
         h = hkv * G + g
-        ok = (offs_t < L) & (g < G)
-        return b, hkv, offs_t, h, ok
+        t_ok = (offs_t < L) & (g < G)
+        offs_d = tl.arange(0, D_P2)
+        d_ok = offs_d < D
+        row = b * sqb + h[:, None] * sqh + offs_t[:, None] * sql + offs_d[None, :]
+        row_mask = t_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + row, mask=row_mask, other=0.0).to(tl.float32) * scale
+        kv_base = b * skb + hkv * skh
+        idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
+        return b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, b * (HKV * G) + h
 
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, IDX, LENS, L, scale, dropout_p, seed,
@@ -168,16 +177,9 @@ if triton is not None:
                     D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr,
                     SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK_: tl.constexpr,
                     BT: tl.constexpr, DROPOUT: tl.constexpr):
-        b, hkv, offs_t, h, t_ok = _rows(tl.program_id(0), tl.program_id(1), L, HKV, G, G_P2, BT)
+        b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, bh = _tile(
+            Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV, G, G_P2, D, D_P2, BT)
         offs_c = tl.arange(0, CHUNK_)
-        offs_d = tl.arange(0, D_P2)
-        d_ok = offs_d < D
-        row = b * sqb + h[:, None] * sqh + offs_t[:, None] * sql + offs_d[None, :]
-        row_mask = t_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + row, mask=row_mask, other=0.0).to(tl.float32) * scale
-        kv_base = b * skb + hkv * skh
-        idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
-        bh = b * H + h
         m = tl.full([BT * G_P2], float("-inf"), tl.float32)
         den = tl.zeros([BT * G_P2], tl.float32)
         acc = tl.zeros([BT * G_P2, D_P2], tl.float32)
@@ -210,20 +212,13 @@ if triton is not None:
                        D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr,
                        SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK_: tl.constexpr,
                        BT: tl.constexpr, DROPOUT: tl.constexpr):
-        b, hkv, offs_t, h, t_ok = _rows(tl.program_id(0), tl.program_id(1), L, HKV, G, G_P2, BT)
+        b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, bh = _tile(
+            Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV, G, G_P2, D, D_P2, BT)
         offs_c = tl.arange(0, CHUNK_)
-        offs_d = tl.arange(0, D_P2)
-        d_ok = offs_d < D
-        row = b * sqb + h[:, None] * sqh + offs_t[:, None] * sql + offs_d[None, :]
-        row_mask = t_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + row, mask=row_mask, other=0.0).to(tl.float32) * scale
         do_mask = row_mask & (offs_t < tl.load(LENS + b))[:, None]  # padding rows get no gradient
         do = tl.load(DO + row, mask=do_mask, other=0.0).to(tl.float32)
-        bh = b * H + h
         lse = tl.load(LSE + bh * L + offs_t, mask=t_ok, other=0.0)
         delta = tl.load(DELTA + bh * L + offs_t, mask=t_ok, other=0.0)
-        kv_base = b * skb + hkv * skh
-        idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
         dq = tl.zeros([BT * G_P2, D_P2], tl.float32)
         for c in range(N_CHUNKS):
             pos, ok = _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
