@@ -267,6 +267,7 @@ def check_values(config, model_keys):
 
     ``config``: the final config dict; ``model_keys``: the keys the model's own yaml sets.
     """
+    check_model_config(config)  # the model's own rules first: their messages are the most specific
     if config.get("MODEL_TYPE") == ModelType.SEQUENTIAL and not _positive_int(config.get("MAX_ITEM_LIST_LENGTH")):
         raise InputError(f"MAX_ITEM_LIST_LENGTH must be a positive integer (the longest input sequence), "
                          f"got {config.get('MAX_ITEM_LIST_LENGTH')!r}")
