@@ -111,6 +111,6 @@ def test_compare_runs_it_by_name_and_reloads(tmp_path):
 @pytest.mark.parametrize("key, value, message", [("loss_chunk_size", 0, "loss_chunk_size must be a positive"),
                                                  ("seq_train_mode", "every-position", "seq_train_mode must be one of")])
 def test_bad_values_are_clear_errors(key, value, message):
-    config = BlossomConfig(model="SASRecSDPA", dataset="ml-100k", config_dict={**SIZES, key: value})
+    """Refused while the config is built, before any data or model exists (InputError is a ValueError)."""
     with pytest.raises(ValueError, match=message):
-        SASRecSDPA(config, Items(50))
+        BlossomConfig(model="SASRecSDPA", dataset="ml-100k", config_dict={**SIZES, key: value})
