@@ -151,7 +151,7 @@ def test_epoch_loss_through_the_data_pipeline_equals_the_per_prefix_one(tmp_path
         with torch.no_grad():
             for batch in train:
                 n = int(batch["item_length"].sum()) if mode == "every_position" else len(batch)
-                total += model.calculate_loss(batch).item() * n
+                total += model.calculate_loss(batch.to(model.device)).item() * n
                 count += n
         results[mode] = total / count, count
     assert results["every_position"][1] == results["per_prefix"][1]  # the same targets
@@ -168,4 +168,4 @@ def test_trains_evaluates_and_reloads(tmp_path, model_class, overrides):
         _, model, *_, test_data = recbole_blossom.load_data_and_model(result["saved_model_file"])
     assert type(model) is model_class and model.causal
     with torch.no_grad():
-        assert torch.isfinite(model.eval().full_sort_predict(next(iter(test_data))[0])).all()
+        assert torch.isfinite(model.eval().full_sort_predict(next(iter(test_data))[0].to(model.device))).all()

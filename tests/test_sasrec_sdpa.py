@@ -103,7 +103,7 @@ def test_compare_runs_it_by_name_and_reloads(tmp_path):
         config, model, *_, test_data = recbole_blossom.load_data_and_model(str(saved[0]))
     assert type(model) is SASRecSDPA
     with torch.no_grad():
-        scores = model.eval().full_sort_predict(next(iter(test_data))[0])
+        scores = model.eval().full_sort_predict(next(iter(test_data))[0].to(model.device))
     assert scores.shape[1] == model.n_items and torch.isfinite(scores).all()
     assert "| ml-100k | SASRecSDPA |" in (out / "results.md").read_text()
 
