@@ -1,6 +1,6 @@
 """Accuracy comparison: train every (dataset, model) pair under one protocol and tabulate the results.
 
-    python benchmarks/compare.py --models GRU4Rec,SASRec,LinRec,BlossomSASRec,BlossomLinRec \\
+    python benchmarks/compare.py --models GRU4Rec,SASRec,SASRecSDPA,LinRec,BlossomSASRec,BlossomLinRec \\
         --datasets ml-100k,amazon-video-games --data_path ../shared/datasets --out bench_out/compare
 
 Every pair runs through the plugin's quick-start machinery (``BlossomConfig``, so ``properties/overall.yaml``
@@ -40,7 +40,7 @@ from recbole_blossom.cli import UsageError  # noqa: E402
 from recbole_blossom.config import get_model_class  # noqa: E402
 from recbole_blossom.quick_start import build_model, make_config as make_blossom_config, prepare  # noqa: E402
 
-DEFAULT_MODELS = "GRU4Rec,SASRec,LinRec,BlossomSASRec,BlossomLinRec"
+DEFAULT_MODELS = "GRU4Rec,SASRec,SASRecSDPA,LinRec,BlossomSASRec,BlossomLinRec"
 METRICS = ("recall@10", "ndcg@10", "mrr@10")
 COLUMNS = ("dataset", "model", "eval_mode", *METRICS, "params", "sec_per_epoch", "peak_gpu_mem_mib",
            "epochs_run", "stopped_by", "best_valid_ndcg@10", "total_s", "device")
