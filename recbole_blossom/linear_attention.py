@@ -24,7 +24,7 @@ from torch import nn
 from recbole_blossom.attention import BlossomAttention
 from recbole_blossom.hparams import BlossomRuntime
 from recbole_blossom.ops import zero_padding_rows
-from recbole_blossom.ops.naive import slot_mask
+from recbole_blossom.ops.naive import slot_keys, slot_mask
 
 
 def check_heads(hidden_size, n_heads):
@@ -140,16 +140,6 @@ def masked_linear_attention(q, k, v, allowed, scale, dropout_p=0.0, training=Fal
     weights = (qg @ k[:, :, None].transpose(-1, -2)) * scale * allowed.to(q.dtype)
     weights = F.dropout(weights, p=dropout_p, training=training)
     return (weights @ v[:, :, None]).flatten(1, 2)
-
-
-def slot_keys(idx, block, length):
-    """Key positions of slots (``recbole_blossom.ops``' layout): slot ``j`` of query ``t`` names positions
-    ``idx[..., t, j] * block + 0..block-1`` (``-1``: empty). ``idx (B, Hkv, L, S)`` -> ``index, valid``, both
-    ``(B, Hkv, L, S * block)``; a key is valid when its slot is and it lies at or before the query."""
-    pos = (idx.long().clamp_min(0)[..., None] * block + torch.arange(block, device=idx.device)).flatten(-2)
-    t = torch.arange(length, device=idx.device).view(length, 1)
-    valid = (idx >= 0).repeat_interleave(block, dim=-1) & (pos <= t)
-    return pos.clamp_max(length - 1), valid
 
 
 def linear_slot_attention(q, k, v, idx, block, scale, dropout_p=0.0, training=False, dense_max_len=256):

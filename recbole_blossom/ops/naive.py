@@ -133,6 +133,16 @@ def slot_mask(idx, block, length):
     return allowed & torch.ones(length, length, dtype=torch.bool, device=idx.device).tril()
 
 
+def slot_keys(idx, block, length):
+    """Key positions of slots: slot ``j`` of query ``t`` names positions ``idx[..., t, j] * block + 0..block-1``
+    (``-1``: empty). ``idx (B, Hkv, L, S)`` -> ``index, valid``, both ``(B, Hkv, L, S * block)``; a key is valid
+    when its slot is and it lies at or before the query (``index`` is clamped into ``[0, length)``)."""
+    pos = (idx.long().clamp_min(0)[..., None] * block + torch.arange(block, device=idx.device)).flatten(-2)
+    t = torch.arange(length, device=idx.device).view(length, 1)
+    valid = (idx >= 0).repeat_interleave(block, dim=-1) & (pos <= t)
+    return pos.clamp_max(length - 1), valid
+
+
 def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, training=False, scale=None,
                        dense_max_len=256):
     """Attention of every query over the keys its slots name, causally.
@@ -166,9 +176,7 @@ def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, trainin
     gather = slots.reshape(B, Hkv, L * S)[..., None, None].expand(B, Hkv, L * S, block, D)
     k_sel = torch.gather(k_blk, 2, gather).view(B, Hkv, L, S * block, D)
     v_sel = torch.gather(v_blk, 2, gather).view(B, Hkv, L, S * block, D)
-    pos = (slots[..., None] * block + torch.arange(block, device=q.device)).flatten(-2)  # (B, Hkv, L, S*block)
-    t = torch.arange(L, device=q.device).view(1, 1, L, 1)
-    allowed = (idx >= 0).repeat_interleave(block, dim=-1) & (pos <= t)
+    _, allowed = slot_keys(idx, block, L)  # (B, Hkv, L, S * block)
     qg = q.view(B, Hkv, G, L, D).transpose(2, 3)  # (B, Hkv, L, G, D)
     scores = (qg @ k_sel.transpose(-1, -2)) * scale  # (B, Hkv, L, G, S * block)
     scores = scores.masked_fill(~allowed[:, :, :, None], float("-inf"))
