@@ -216,7 +216,7 @@ def profile(name, cls, extra, max_len, batch, args, device, dtype):
             step()
         torch.cuda.synchronize()
     print(f"\n== {name} L={max_len} B={batch}: 3 training steps")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
     del model, opt, data
     free(device)
 
