@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from recbole.data import create_dataset as recbole_create_dataset
 from recbole.data import data_preparation as recbole_data_preparation
+from recbole.data.dataloader import TrainDataLoader
 from recbole.data.dataset import SequentialDataset
 from recbole.data.interaction import Interaction
 from recbole.data.utils import create_samplers, get_dataloader, load_split_dataloaders, save_split_dataloaders
@@ -333,9 +334,41 @@ class WindowSequentialDataset(SequentialDataset):
         nxt.set_field_property(target_list_field(self.config), *self._list_property(self.iid_field))
         return nxt
 
+    def target_count(self):
+        """Training targets of these rows: the sum of the row lengths for every-position rows, else one a row."""
+        inter = self.inter_feat
+        if isinstance(inter, WindowInteraction) and inter.train_mode == "every_position":
+            return int(inter.lengths.sum())
+        return len(inter)
+
     def _list_property(self, field):
         list_field = getattr(self, f"{field}_list_field")
         return self.field2type[list_field], self.field2source[list_field], self.field2seqlen[list_field]
+
+
+class EveryPositionTrainDataLoader(TrainDataLoader):
+    """RecBole's train loader over every-position rows, with ``train_batch_size`` counting targets, as RecBole's.
+
+    A row holds up to L targets, so a batch of ``train_batch_size`` rows would train up to L times as many
+    targets a step as per-prefix training (at L = 200 and batch 2048 one step is an epoch of ml-100k). A batch
+    takes ``max(1, round(train_batch_size * rows / targets))`` rows instead: about ``train_batch_size`` targets,
+    and about as many steps an epoch as per-prefix training, so learning rate, batch size and patience carry
+    over between the modes. ``config["train_batch_size"]`` stays as given (RecBole logs and saves the config).
+    ``update_config`` (RecBole calls it on loaded dataloaders) keeps the rule; under multi-process training
+    RecBole's ``AbstractDataLoader.__init__`` then divides the rows among the processes, as it divides the
+    per-prefix batch. (RecBole gives every sequential model a ``TrainDataLoader``; a module-level class keeps
+    saved dataloaders loadable.)
+    """
+
+    def _init_batch_size_and_step(self):
+        # every_position is refused with negative sampling (check_data_config): no negatives to fit in a batch.
+        targets, rows = self._dataset.target_count(), len(self._dataset)
+        per_batch = max(1, round(self.config["train_batch_size"] * rows / max(targets, 1)))
+        self.step = per_batch
+        self.set_batch_size(per_batch)
+        getLogger().info(
+            f"every_position: train_batch_size {self.config['train_batch_size']} targets -> {per_batch} windows "
+            f"per batch (mean {targets / max(rows, 1):.1f} targets a window)")
 
 
 def _saved_dataset_file(config):
@@ -380,7 +413,8 @@ def data_preparation(config, dataset):
     train_dataset, valid_dataset, test_dataset = built
     if mode == "every_position":
         train_dataset = train_dataset.every_position()
-    train_data = get_dataloader(config, "train")(config, train_dataset, samplers[0], shuffle=config["shuffle"])
+    train_loader = EveryPositionTrainDataLoader if mode == "every_position" else get_dataloader(config, "train")
+    train_data = train_loader(config, train_dataset, samplers[0], shuffle=config["shuffle"])
     valid_data = get_dataloader(config, "valid")(config, valid_dataset, samplers[1], shuffle=False)
     test_data = get_dataloader(config, "test")(config, test_dataset, samplers[2], shuffle=False)
     if config["save_dataloaders"]:

@@ -1,5 +1,6 @@
 """seq_train_mode: every_position on the data side: one row per window of each user's training history."""
 
+import logging
 import math
 import os
 
@@ -53,8 +54,8 @@ def test_models_without_every_position_are_refused(tmp_path, monkeypatch):
 
 def every_position(tmp_path, **overrides):
     root = write_unique(tmp_path)
-    return prepare("uniq", tmp_path, "windows", data_path=root, load_col=None, MAX_ITEM_LIST_LENGTH=L,
-                   train_batch_size=5, **overrides)
+    return prepare("uniq", tmp_path, "windows", data_path=root, load_col=None,
+                   **{"MAX_ITEM_LIST_LENGTH": L, "train_batch_size": 5, **overrides})
 
 
 def test_rows_windows_and_targets(tmp_path):
@@ -140,3 +141,60 @@ def test_saved_dataloaders_are_reused_only_for_the_same_mode(tmp_path):
         mp.setattr(WindowSequentialDataset, "build", lambda self: pytest.fail("split again instead of loaded"))
         _, _, (loaded, _, _) = every_position(tmp_path, seq_train_mode="every_position", save_dataloaders=True)
     assert loaded._dataset.inter_feat.train_mode == "every_position" and len(loaded._dataset) == 14
+    assert type(loaded) is type(saved) and loaded.step == saved.step == round(5 * 14 / 38)  # targets a batch
+
+
+def expected_batching(train_batch_size, targets_per_user, max_len):
+    """Rows, targets and rows per batch by the rule, from each user's number of training targets."""
+    rows = sum(math.ceil(n / max_len) for n in targets_per_user)
+    targets = sum(targets_per_user)
+    return rows, targets, max(1, round(train_batch_size * rows / targets))
+
+
+@pytest.mark.parametrize("max_len, train_batch_size", [(4, 5), (4, 12), (16, 12)])
+def test_train_batch_size_counts_targets(tmp_path, caplog, max_len, train_batch_size):
+    caplog.set_level(logging.INFO)
+    config, _, (train, _, _) = every_position(tmp_path, seq_train_mode="every_position",
+                                              MAX_ITEM_LIST_LENGTH=max_len, train_batch_size=train_batch_size)
+    rows, targets, per_batch = expected_batching(
+        train_batch_size, [len(training_targets(n)) for n in HISTORIES], max_len)
+    assert (rows, targets) == ({4: 14, 16: 8}[max_len], 38)
+    assert len(train._dataset) == rows and train._dataset.target_count() == targets
+    assert train.step == per_batch > 1
+    sizes = [len(batch) for batch in train]
+    assert sizes == [per_batch] * (rows // per_batch) + ([rows % per_batch] if rows % per_batch else [])
+    assert abs(len(sizes) - math.ceil(targets / train_batch_size)) <= 1
+    assert config["train_batch_size"] == train_batch_size  # RecBole logs and saves the config: left as given
+    mean = f"{targets / rows:.1f}"
+    assert (f"every_position: train_batch_size {train_batch_size} targets -> {per_batch} windows per batch "
+            f"(mean {mean} targets a window)") in caplog.messages
+
+
+def test_a_batch_smaller_than_a_window_takes_one_row(tmp_path):
+    _, _, (train, _, _) = every_position(tmp_path, seq_train_mode="every_position", train_batch_size=1)
+    assert train.step == 1 and [len(batch) for batch in train] == [1] * 14
+
+
+@pytest.mark.parametrize("max_len", [5, 50])  # 50: longer than every history, one window a user
+def test_steps_per_epoch_match_per_prefix_training(tmp_path, max_len):
+    """ml-100k users with 20-24 interactions: about as many steps an epoch as RecBole's per-prefix rows."""
+    common = {"MAX_ITEM_LIST_LENGTH": max_len, "train_batch_size": 256, "user_inter_num_interval": "[20,25)"}
+    _, _, (per_prefix, _, _) = prepare("ml-100k", tmp_path, "windows", **common)
+    _, _, (every, _, _) = prepare("ml-100k", tmp_path, "windows", seq_train_mode="every_position", **common)
+    targets_per_user = list(per_prefix._dataset.user_counter.values())  # a per-prefix row is one target
+    rows, targets, per_batch = expected_batching(256, targets_per_user, max_len)
+    assert len(every._dataset) == rows and every.step == per_batch
+    assert len(every) == math.ceil(rows / per_batch) == sum(1 for _ in every)
+    assert len(per_prefix) == math.ceil(targets / 256)
+    assert abs(len(every) - len(per_prefix)) <= 1
+
+
+def test_update_config_keeps_counting_targets(tmp_path):
+    """RecBole calls update_config on loaded dataloaders: the rows per batch still follow the targets rule."""
+    config, _, (train, _, _) = every_position(tmp_path, seq_train_mode="every_position", train_batch_size=5)
+    before = train.step
+    train.update_config(config)
+    assert train.step == train._batch_size == before == expected_batching(5, [1, 1, 1, 2, 6, 10, 17], L)[2]
+    config["train_batch_size"] = 12
+    train.update_config(config)
+    assert train.step == train._batch_size == expected_batching(12, [1, 1, 1, 2, 6, 10, 17], L)[2] != before
