@@ -12,7 +12,8 @@ and then draws the first ``--batches`` training batches. One JSON line per confi
 * ``status``: ``ok``, ``over_limit`` (stopped at ``--max-rss-gb`` so the machine is not taken down) or
   ``killed``/``error`` with the reason.
 
-``--seq_train_mode every_position`` (ours only) measures the every-position training rows instead.
+``--seq_train_mode every_position`` (ours only) measures the every-position training rows instead (there
+``train_batch_size`` counts targets: a batch is about ``train_batch_size / mean targets a window`` windows).
 
 Pipelines: ``recbole`` (``seq_pipeline: recbole``, RecBole's SequentialDataset) and ``ours``
 (``seq_pipeline: windows``).
