@@ -10,12 +10,12 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recbole_blossom.ltis import num_compressed_blocks  # noqa: E402
 from recbole_blossom.ops import parallel  # noqa: E402
-from recbole_blossom.stis import stis_slots  # noqa: E402
 
 
 def bench(fn, warmup=3, repeats=10):
@@ -54,17 +54,23 @@ def main():
             ms = bench(lambda: parallel.select_blocks(q, k_cmp, mem, 32, 16, 16, 4, **cfg))
             print(f"L={L:6d} B={B:4d} {str(dtype)[6:]:8s} select {cfg or 'default'}: {ms:.3f} ms", flush=True)
         idx = parallel.select_blocks(q, k_cmp, mem, 32, 16, 16, 4)
-        slots = stis_slots(L, 8, True, "cuda")
         dout = torch.randn_like(q)
-        for name, ix, blk in (("ltis", idx, 16), ("stis", slots, 1)):
+        ops = (("ltis", lambda *x: parallel.gathered_attention(*x, idx, 16)),
+               ("stis", lambda *x: parallel.stis_attention(*x, 8, True)),
+               ("sdpa causal (reference)", lambda q, k, v: F.scaled_dot_product_attention(
+                   q, k, v, is_causal=True, enable_gqa=True)))
+        for name, op in ops:
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            fwd = bench(lambda: parallel.gathered_attention(*leaves, ix, blk))
+            fwd = bench(lambda: op(*leaves))
 
             def step():
-                parallel.gathered_attention(*leaves, ix, blk).backward(dout)
+                op(*leaves).backward(dout)
             both = bench(step)
             print(f"L={L:6d} B={B:4d} {str(dtype)[6:]:8s} {name} attention fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms",
                   flush=True)
+        chunks, counts = parallel.tile_chunks(idx, 16, L)
+        print(f"L={L:6d} LTIS chunks per tile: mean {counts.float().mean():.1f}, max {int(counts.max())}; "
+              f"tile_chunks {bench(lambda: parallel.tile_chunks(idx, 16, L)):.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,11 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE needs an even head dimension (hidden_size / n_heads), got {head_dim}")
         self.head_dim = head_dim
         self.base = float(base)
+        self._angles = {}  # (L, device) -> (cos, sin): recomputing them costs a handful of launches a layer
 
     def forward(self, q, k):
-        cos, sin = rotary_cos_sin(q.shape[-2], self.head_dim, self.base, device=q.device)
+        key = (q.shape[-2], str(q.device))
+        if key not in self._angles:
+            self._angles[key] = rotary_cos_sin(q.shape[-2], self.head_dim, self.base, device=q.device)
+        cos, sin = self._angles[key]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

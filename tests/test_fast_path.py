@@ -108,6 +108,11 @@ def test_stis_fast_matches_torch(B, H, Hkv, L, lengths, dtype):
     errs = compare(lambda q, k, v: parallel.gathered_attention(q, k, v, idx, 1, lengths),
                    lambda q, k, v: naive.gathered_attention(q, k, v, idx, 1, lengths), q, k, v, dout)
     assert max(errs) < TOL[dtype], errs
+    for window, sink in ((8, True), (3, False)):  # the kernel's own STIS mask against the slot reference
+        errs = compare(lambda q, k, v: parallel.stis_attention(q, k, v, window, sink, lengths),
+                       lambda q, k, v: naive.gathered_attention(q, k, v, stis_slots(L, window, sink, "cuda"), 1,
+                                                                lengths), q, k, v, dout)
+        assert max(errs) < TOL[dtype], (window, sink, errs)
 
 
 @gpu
@@ -202,6 +207,7 @@ def test_fast_dropout_gradient_is_consistent():
                               torch.randn(2, 16, device="cuda"), 32, 16, 16, 4)
     slots = stis_slots(150, 8, True, "cuda")
     for fn in (lambda q: parallel.gathered_attention(q, k, v, slots, 1, None, 0.3, True),
+               lambda q: parallel.stis_attention(q, k, v, 8, True, None, 0.3, True),
                lambda q: parallel.gathered_attention(q, k, v, idx, 16, None, 0.3, True)):
         torch.manual_seed(1)
         qq = q.clone().requires_grad_()
@@ -219,6 +225,38 @@ def test_fast_dropout_gradient_is_consistent():
         assert abs(numeric - analytic) <= 2e-2 * max(1.0, abs(analytic)), (numeric, analytic)
         torch.manual_seed(2)
         assert not torch.equal(fn(q), out), "dropout should change with the seed"
+
+
+def brute_force_chunks(idx, block, L):
+    """Per (batch, head, tile): the set of 16-key chunks holding a key some query of the tile may see."""
+    keys, ok = naive.slot_keys(idx, block, L)
+    out = {}
+    for b in range(idx.shape[0]):
+        for h in range(idx.shape[1]):
+            for t in range(L):
+                chunks = {int(s) // parallel.KB for s, o in zip(keys[b, h, t].tolist(), ok[b, h, t].tolist()) if o}
+                out.setdefault((b, h, t // parallel.QB), set()).update(chunks)
+    return out
+
+
+@pytest.mark.parametrize("L,geometry", [(200, (32, 16, 16, 4)), (333, (32, 16, 32, 2)), (77, (8, 4, 4, 2)),
+                                        (150, (8, 4, 24, 2))])
+def test_tile_chunks_are_the_union_of_the_tiles_keys(L, geometry):
+    """CPU: the chunk lists the kernels walk cover exactly the keys of each tile's queries, once each."""
+    gen = torch.Generator().manual_seed(L)
+    q = torch.randn(2, 4, L, 8, generator=gen)
+    k_cmp = torch.randn(2, 2, num_compressed_blocks(L, *geometry[:2]), 8, generator=gen)
+    idx = naive.select_blocks(q, k_cmp, torch.randn(2, 8, generator=gen), *geometry)
+    for slots, block in ((idx, geometry[2]), (stis_slots(L, 8, True), 1)):
+        chunks, counts = parallel.tile_chunks(slots, block, L)
+        expect = brute_force_chunks(slots, block, L)
+        for (b, h, tile), want in expect.items():
+            row = chunks[min(b, chunks.shape[0] - 1), min(h, chunks.shape[1] - 1), tile]
+            n = int(counts[min(b, counts.shape[0] - 1), min(h, counts.shape[1] - 1), tile])
+            assert row[:n].tolist() == sorted(want) and (row[n:] == -1).all()
+    stis, stis_counts = parallel.stis_tile_chunks(L, 8, True, "cpu")
+    ref, ref_counts = parallel.tile_chunks(stis_slots(L, 8, True), 1, L)
+    assert torch.equal(stis, ref) and torch.equal(stis_counts, ref_counts)
 
 
 # --- shortcuts shared by both paths (CPU) ---------------------------------------------------------------

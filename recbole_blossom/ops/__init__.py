@@ -41,3 +41,9 @@ def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, trainin
     """Attention over the keys each query's slots name; see :func:`recbole_blossom.ops.naive.gathered_attention`."""
     fn = parallel.gathered_attention if use_fast(impl, q) else naive.gathered_attention
     return fn(q, k, v, idx, block, lengths, dropout_p, training, scale)
+
+
+def stis_attention(q, k, v, window, sink, lengths=None, dropout_p=0.0, training=False, scale=None, impl="auto"):
+    """STIS attention (recent window, power-of-two distances, sink); see :func:`recbole_blossom.ops.naive.stis_attention`."""
+    fn = parallel.stis_attention if use_fast(impl, q) else naive.stis_attention
+    return fn(q, k, v, window, sink, lengths, dropout_p, training, scale)

@@ -5,9 +5,12 @@ in :mod:`recbole_blossom.ops.parallel` are tested against). Same signatures as t
   kv head, map to selection blocks, keep the top ``n_select`` past blocks plus the query's own block.
 * :func:`gathered_attention` -- attention of each query over the keys its *slots* name: slot ``j`` of
   query ``t`` names the ``block`` consecutive positions ``idx[..., t, j] * block + 0..block-1`` (``-1``:
-  empty slot), causally (``key <= t``). LTIS calls it with its selected blocks, STIS with single positions.
+  empty slot), causally (``key <= t``). LTIS calls it with its selected blocks.
+* :func:`stis_attention` -- STIS: each query attends to fixed relative offsets (the ``window`` most recent
+  positions, power-of-two distances, a sink): :func:`gathered_attention` over single-position slots.
 """
 
+import functools
 import math
 
 import torch
@@ -117,9 +120,8 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
 
 def causal_attention(q, k, v, lengths=None, dropout_p=0.0, training=False, scale=None):
     """Plain causal attention (fused), kv heads shared by groups of query heads; rows ``>= lengths`` zero."""
-    G = q.shape[1] // k.shape[1]
-    out = F.scaled_dot_product_attention(q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1),
-                                         dropout_p=dropout_p if training else 0.0, is_causal=True, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=True,
+                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return zero_padding_rows(out, lengths)
 
 
@@ -185,3 +187,45 @@ def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, trainin
         probs = F.dropout(probs, p=p)
     out = (probs @ v_sel).transpose(2, 3).reshape(B, H, L, D)
     return zero_padding_rows(out, lengths)
+
+
+def stis_offsets(length, window):
+    """Distinct relative offsets ``t - s`` a query may look back: ``{0..window-1} U {1, 2, 4, ...} < length``."""
+    offsets = set(range(min(window, length)))
+    power = 1
+    while power < length:
+        offsets.add(power)
+        power *= 2
+    return sorted(offsets)
+
+
+def stis_key_index(length, window, sink=True, device=None):
+    """Key positions of every query: ``index, valid``, both ``(L, M)``; ``M = |offsets| + sink``."""
+    pos = torch.arange(length, device=device)
+    offsets = torch.tensor(stis_offsets(length, window), device=device, dtype=torch.long)
+    index = pos[:, None] - offsets[None, :]
+    valid = index >= 0
+    if sink:
+        # position 0 joins unless an offset already reaches it (t itself is one of the offsets)
+        sink_valid = ~(index == 0).any(dim=1, keepdim=True)
+        index = torch.cat((index, torch.zeros_like(pos)[:, None]), dim=1)
+        valid = torch.cat((valid, sink_valid), dim=1)
+    return index.clamp_min(0), valid
+
+
+def stis_slots(length, window, sink=True, device=None):
+    """``(1, 1, L, M)`` int32 single-position slots of every query (``-1``: none), shared by the batch."""
+    index, valid = stis_key_index(length, window, sink, device)
+    return torch.where(valid, index, -1).to(torch.int32)[None, None]
+
+
+@functools.lru_cache(maxsize=64)
+def cached_stis_slots(length, window, sink, device):
+    return stis_slots(length, window, sink, device)
+
+
+def stis_attention(q, k, v, window, sink, lengths=None, dropout_p=0.0, training=False, scale=None):
+    """STIS: ``q`` ``(B, H, L, D)`` attends causally to the keys of ``k, v`` ``(B, Hkv, L, D)`` at the offsets of
+    :func:`stis_offsets` (and position 0 when ``sink``), each once. Returns ``(B, H, L, D)``, padding rows 0."""
+    slots = cached_stis_slots(q.shape[2], window, bool(sink), str(q.device))
+    return gathered_attention(q, k, v, slots, 1, lengths, dropout_p, training, scale)

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from recbole_blossom.ops.naive import stis_slots
+
 try:
     import triton
     import triton.language as tl
@@ -131,157 +133,153 @@ if triton is not None:
         tl.store(out + N_SEL + offs_k[None, :] * 0, own[:, None].to(tl.int32) + offs_k[None, :] * 0,
                  mask=t_ok[:, None] & (offs_k[None, :] == 0))
 
-    @triton.jit
-    def _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr,
-                   BLOCK_P2: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr):
-        """Key positions ``(R, CHUNK)`` of chunk ``c`` for rows at positions ``offs_t``, and which count."""
-        slot = c * SLOTS_PER_CHUNK + offs_c // BLOCK_P2
-        j = offs_c % BLOCK_P2
-        slot_ok = (slot < N_SLOTS) & (j < BLOCK)
-        base = tl.load(IDX + idx_off + slot[None, :], mask=t_ok[:, None] & slot_ok[None, :], other=-1)
-        pos = base * BLOCK + j[None, :]
-        ok = (base >= 0) & (pos <= offs_t[:, None]) & slot_ok[None, :]
-        return tl.where(ok, pos, 0), ok
+    # --- block-sparse attention on tensor cores ------------------------------------------------------------
+    # A program owns a tile of QB consecutive query positions x the G query heads of one kv head: QB * G_P2
+    # rows, so every key and value it loads serves the whole kv group, and the tile is tall enough for
+    # tl.dot (tensor cores in bf16/fp16; exact float32 products in float32). It walks a list of key chunks
+    # (KB consecutive positions each): the union of what the tile's queries may see. A per-row mask keeps
+    # each query to its own keys: membership in its selected blocks (PATTERN 0, LTIS), or the fixed STIS
+    # offsets (PATTERN 1: recent window, power-of-two distances, sink), always causal.
 
     @triton.jit
-    def _keep_mask(seed, bh, L, offs_t, c, offs_c, NK: tl.constexpr, CHUNK_: tl.constexpr, dropout_p):
-        """Dropout keep mask ``(R, CHUNK)``, the same in forward and backward (``bh`` per row): one Philox
-        counter per (batch x head, position, gathered key)."""
-        counter = (bh[:, None].to(tl.int64) * L + offs_t[:, None]) * NK + c * CHUNK_ + offs_c[None, :]
+    def _tile_rows(Q, L, sqb, sqh, sql, QB: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                   G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr):
+        """Rows ``(position t, head h)`` of this program's tile and the offsets of their q/o/do rows."""
+        b, hkv = (tl.program_id(1) // HKV).to(tl.int64), tl.program_id(1) % HKV
+        r = tl.arange(0, QB * G_P2)
+        t = tl.program_id(0) * QB + r // G_P2
+        g = r % G_P2
+        h = hkv * G + g
+        row_ok = (t < L) & (g < G)
+        offs_d = tl.arange(0, D_P2)
+        d_ok = offs_d < D
+        row = b * sqb + h[:, None] * sqh + t[:, None] * sql + offs_d[None, :]
+        return b, hkv, t, row_ok, offs_d, d_ok, row, row_ok[:, None] & d_ok[None, :], b * (HKV * G) + h
+
+    @triton.jit
+    def _allowed(t, s, row_ok, row_idx, c, PATTERN: tl.constexpr, BLOCK: tl.constexpr, UNIFORM: tl.constexpr,
+                 KB: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr):
+        """``(rows, KB)``: which keys ``s`` of chunk ``c`` each row's query attends to."""
+        ok = (s[None, :] <= t[:, None]) & row_ok[:, None]
+        if PATTERN == 0:
+            if UNIFORM:  # the chunk lies in one selection block: one membership test per row
+                member = tl.max((row_idx == (c * KB) // BLOCK).to(tl.int32), axis=1) > 0
+                ok = ok & member[:, None]
+            else:
+                blk = s // BLOCK
+                member = tl.max((row_idx[:, :, None] == blk[None, None, :]).to(tl.int32), axis=1) > 0
+                ok = ok & member
+        else:
+            off = t[:, None] - s[None, :]
+            near = (off < WINDOW) | ((off & (off - 1)) == 0)
+            if SINK:
+                near = near | (s[None, :] == 0)
+            ok = ok & near
+        return ok
+
+    @triton.jit
+    def _keep(seed, bh, t, s, L, dropout_p):
+        """Dropout keep mask ``(rows, KB)``: one Philox counter per (batch x head, query, key), so the
+        backward regenerates the forward's mask whatever order it visits the keys in."""
+        counter = (bh[:, None].to(tl.int64) * L + t[:, None]) * L + s[None, :]
         return tl.rand(seed, counter) >= dropout_p
 
     @triton.jit
-    def _tile(Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV: tl.constexpr, G: tl.constexpr,
-              G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BT: tl.constexpr):
-        """A forward/dq tile: ``BT`` positions x the ``G`` query heads of one kv head (rows padded to
-        ``G_P2``), its scaled queries, and the offsets its gathers start from."""
-        b, hkv = (tl.program_id(1) // HKV).to(tl.int64), tl.program_id(1) % HKV
-        r = tl.arange(0, BT * G_P2)
-        offs_t = tl.program_id(0) * BT + r // G_P2
-        g = r % G_P2
-        h = hkv * G + g
-        t_ok = (offs_t < L) & (g < G)
-        offs_d = tl.arange(0, D_P2)
-        d_ok = offs_d < D
-        row = b * sqb + h[:, None] * sqh + offs_t[:, None] * sql + offs_d[None, :]
-        row_mask = t_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + row, mask=row_mask, other=0.0).to(tl.float32) * scale
+    def _fwd_kernel(Q, K, V, O, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
+                    sqb, sqh, sql, skb, skh, skl, sib, sih, sil, scb, sch, sct, snb, snh,
+                    HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+                    S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
+                    UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, QB: tl.constexpr,
+                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+        b, hkv, t, row_ok, offs_d, d_ok, row, row_mask, bh = _tile_rows(Q, L, sqb, sqh, sql, QB, HKV, G, G_P2, D,
+                                                                        D_P2)
+        q = tl.load(Q + row, mask=row_mask, other=0.0)
+        offs_s = tl.arange(0, S_P2)
+        row_idx = tl.load(IDX + b * sib + hkv * sih + t[:, None] * sil + offs_s[None, :],
+                          mask=row_ok[:, None] & (offs_s < S)[None, :], other=-1)
+        n = tl.load(CNT + b * snb + hkv * snh + tl.program_id(0))
+        ch = CH + b * scb + hkv * sch + tl.program_id(0) * sct
         kv_base = b * skb + hkv * skh
-        idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
-        return b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, b * (HKV * G) + h
-
-    @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, IDX, LENS, L, scale, dropout_p, seed,
-                    sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
-                    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
-                    D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr,
-                    SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK_: tl.constexpr,
-                    BT: tl.constexpr, DROPOUT: tl.constexpr):
-        b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, bh = _tile(
-            Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV, G, G_P2, D, D_P2, BT)
-        offs_c = tl.arange(0, CHUNK_)
-        m = tl.full([BT * G_P2], float("-inf"), tl.float32)
-        den = tl.zeros([BT * G_P2], tl.float32)
-        acc = tl.zeros([BT * G_P2, D_P2], tl.float32)
-        for c in range(N_CHUNKS):
-            pos, ok = _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
-            kv_off = kv_base + pos[:, :, None] * skl + offs_d[None, None, :]
-            kv_mask = ok[:, :, None] & d_ok[None, None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.where(ok, tl.sum(q[:, None, :] * k, axis=2), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
+        offs_k = tl.arange(0, KB)
+        m = tl.full([QB * G_P2], float("-inf"), tl.float32)
+        den = tl.zeros([QB * G_P2], tl.float32)
+        acc = tl.zeros([QB * G_P2, D_P2], tl.float32)
+        for u in range(0, n):
+            c = tl.load(ch + u)
+            s = c * KB + offs_k
+            kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
+            kv_mask = (s < L)[:, None] & d_ok[None, :]
+            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
+            sc = tl.where(ok, sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m - m_safe)
-            p = tl.exp(s - m_safe[:, None])
+            p = tl.exp(sc - m_safe[:, None])
             den = den * alpha + tl.sum(p, axis=1)
             if DROPOUT:
-                keep = _keep_mask(seed, bh, L, offs_t, c, offs_c, N_CHUNKS * CHUNK_, CHUNK_, dropout_p)
-                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
+                p = tl.where(_keep(seed, bh, t, s, L, dropout_p), p / (1.0 - dropout_p), 0.0)
+            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         den_safe = tl.where(den > 0.0, den, 1.0)
-        out = tl.where((offs_t < tl.load(LENS + b))[:, None], acc / den_safe[:, None], 0.0)  # padding rows: 0
+        out = tl.where((t < tl.load(LENS + b))[:, None], acc / den_safe[:, None], 0.0)  # padding rows: 0
         tl.store(O + row, out.to(O.dtype.element_ty), mask=row_mask)
-        tl.store(LSE + bh * L + offs_t, m + tl.log(den_safe), mask=t_ok)
+        tl.store(LSE + bh * L + t, m + tl.log(den_safe), mask=row_ok)
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, LENS, L, scale, dropout_p, seed,
-                       sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
-                       H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
-                       D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr,
-                       SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK_: tl.constexpr,
-                       BT: tl.constexpr, DROPOUT: tl.constexpr):
-        b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, bh = _tile(
-            Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV, G, G_P2, D, D_P2, BT)
-        offs_c = tl.arange(0, CHUNK_)
-        do_mask = row_mask & (offs_t < tl.load(LENS + b))[:, None]  # padding rows get no gradient
-        do = tl.load(DO + row, mask=do_mask, other=0.0).to(tl.float32)
-        lse = tl.load(LSE + bh * L + offs_t, mask=t_ok, other=0.0)
-        delta = tl.load(DELTA + bh * L + offs_t, mask=t_ok, other=0.0)
-        dq = tl.zeros([BT * G_P2, D_P2], tl.float32)
-        for c in range(N_CHUNKS):
-            pos, ok = _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
-            kv_off = kv_base + pos[:, :, None] * skl + offs_d[None, None, :]
-            kv_mask = ok[:, :, None] & d_ok[None, None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            p = tl.where(ok, tl.exp(tl.sum(q[:, None, :] * k, axis=2) - lse[:, None]), 0.0)
-            dp = tl.sum(do[:, None, :] * v, axis=2)
-            if DROPOUT:
-                keep = _keep_mask(seed, bh, L, offs_t, c, offs_c, N_CHUNKS * CHUNK_, CHUNK_, dropout_p)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += tl.sum(ds[:, :, None] * k, axis=1)
-        tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
-
-    @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, LENS, L, scale, dropout_p, seed,
-                         sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
-                         H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                         D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr,
-                         BLOCK_P2: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
-                         CHUNK_: tl.constexpr, BT: tl.constexpr, DROPOUT: tl.constexpr):
-        pid_t, bhk = tl.program_id(0), tl.program_id(1)
-        b, hkv = (bhk // HKV).to(tl.int64), bhk % HKV
-        offs_t = pid_t * BT + tl.arange(0, BT)
-        offs_c = tl.arange(0, CHUNK_)
-        offs_d = tl.arange(0, D_P2)
-        t_ok, d_ok = offs_t < L, offs_d < D
-        row_mask = t_ok[:, None] & d_ok[None, :]
-        do_mask = row_mask & (offs_t < tl.load(LENS + b))[:, None]  # padding rows get no gradient
+    def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
+                    sqb, sqh, sql, skb, skh, skl, sib, sih, sil, scb, sch, sct, snb, snh,
+                    HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+                    S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
+                    UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, QB: tl.constexpr,
+                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+        """dq of the tile's rows; dk, dv of each visited chunk summed over the tile's rows in one tl.dot,
+        then added into float32 buffers with atomics (other tiles visit the same chunk)."""
+        b, hkv, t, row_ok, offs_d, d_ok, row, row_mask, bh = _tile_rows(Q, L, sqb, sqh, sql, QB, HKV, G, G_P2, D,
+                                                                        D_P2)
+        q = tl.load(Q + row, mask=row_mask, other=0.0)
+        do = tl.load(DO + row, mask=row_mask & (t < tl.load(LENS + b))[:, None], other=0.0)  # padding: no grad
+        lse = tl.load(LSE + bh * L + t, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * L + t, mask=row_ok, other=0.0)
+        offs_s = tl.arange(0, S_P2)
+        row_idx = tl.load(IDX + b * sib + hkv * sih + t[:, None] * sil + offs_s[None, :],
+                          mask=row_ok[:, None] & (offs_s < S)[None, :], other=-1)
+        n = tl.load(CNT + b * snb + hkv * snh + tl.program_id(0))
+        ch = CH + b * scb + hkv * sch + tl.program_id(0) * sct
         kv_base = b * skb + hkv * skh
-        idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
-        for c in range(N_CHUNKS):
-            pos, ok = _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
-            kv_off = kv_base + pos[:, :, None] * skl + offs_d[None, None, :]
-            kv_mask = ok[:, :, None] & d_ok[None, None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            dk = tl.zeros([BT, CHUNK_, D_P2], tl.float32)
-            dv = tl.zeros([BT, CHUNK_, D_P2], tl.float32)
-            for g in tl.static_range(G):
-                h = hkv * G + g
-                bh = b * H + h
-                row = b * sqb + h * sqh + offs_t[:, None] * sql + offs_d[None, :]
-                q = tl.load(Q + row, mask=row_mask, other=0.0).to(tl.float32) * scale
-                do = tl.load(DO + row, mask=do_mask, other=0.0).to(tl.float32)
-                lse = tl.load(LSE + bh * L + offs_t, mask=t_ok, other=0.0)
-                delta = tl.load(DELTA + bh * L + offs_t, mask=t_ok, other=0.0)
-                p = tl.where(ok, tl.exp(tl.sum(q[:, None, :] * k, axis=2) - lse[:, None]), 0.0)
-                dp = tl.sum(do[:, None, :] * v, axis=2)
-                pd = p
-                if DROPOUT:
-                    keep = _keep_mask(seed, bh + offs_t * 0, L, offs_t, c, offs_c, N_CHUNKS * CHUNK_, CHUNK_,
-                                      dropout_p)
-                    dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-                    pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                ds = p * (dp - delta[:, None])
-                dk += ds[:, :, None] * q[:, None, :]  # q already carries the scale
-                dv += pd[:, :, None] * do[:, None, :]
-            out_off = bhk.to(tl.int64) * L * D + pos[:, :, None] * D + offs_d[None, None, :]
+        out_base = tl.program_id(1).to(tl.int64) * L * D
+        offs_k = tl.arange(0, KB)
+        dq = tl.zeros([QB * G_P2, D_P2], tl.float32)
+        for u in range(0, n):
+            c = tl.load(ch + u)
+            s = c * KB + offs_k
+            kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
+            kv_mask = (s < L)[:, None] & d_ok[None, :]
+            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
+            p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            pd = p
+            if DROPOUT:
+                keep = _keep(seed, bh, t, s, L, dropout_p)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+            dv = tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
+            out_off = out_base + s[:, None] * D + offs_d[None, :]
             tl.atomic_add(DK + out_off, dk, mask=kv_mask, sem="relaxed")
             tl.atomic_add(DV + out_off, dv, mask=kv_mask, sem="relaxed")
+        tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+QB = 16  # query positions per tile of the attention kernels (x the kv group's heads = the tile's rows)
+KB = 16  # keys per chunk
 
 
 def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None,
@@ -304,72 +302,123 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
     return idx
 
 
-def _launch_args(q, k, idx, block):
-    B, H, L, D = q.shape
-    Hkv = k.shape[1]
-    n_slots = idx.shape[-1]
-    block_p2 = triton.next_power_of_2(block)
-    chunk = max(CHUNK, block_p2)
-    slots_per_chunk = chunk // block_p2
-    meta = dict(H=H, HKV=Hkv, G=H // Hkv, D=D, D_P2=triton.next_power_of_2(D), N_SLOTS=n_slots, BLOCK=block,
-                BLOCK_P2=block_p2, SLOTS_PER_CHUNK=slots_per_chunk, N_CHUNKS=-(-n_slots // slots_per_chunk),
-                CHUNK_=chunk)
-    strides = (*q.stride()[:3], *k.stride()[:3], *idx.stride()[:3])
-    return meta, strides
+_BIG = 2 ** 30
 
 
-def _rows_per_tile(G):
-    """Positions per tile of the forward/dq kernels: 32 rows of (position, head)."""
-    return max(1, 32 // triton.next_power_of_2(G))
+def tile_chunks(idx, block, length):
+    """Key chunks each query tile visits: the union over its ``QB`` queries of the ``KB``-key chunks that
+    meet their slots. ``idx`` ``(B', H', L, S)`` slots (``-1`` empty) of ``block`` keys each. Returns
+    ``chunks`` ``(B', H', T, U)`` int32 (ascending, ``-1`` after the ``counts`` ``(B', H', T)`` valid ones),
+    ``T = ceil(L / QB)``."""
+    Bp, Hp, L, S = idx.shape
+    j = idx.long()
+    span = block // KB if block % KB == 0 else -(-(block - 1) // KB) + 1  # chunks one block can meet
+    first, last = j * block // KB, ((j + 1) * block - 1) // KB
+    c = first[..., None] + torch.arange(span, device=idx.device)
+    t = torch.arange(L, device=idx.device).view(L, 1, 1)
+    # chunk c holds a key of block j at or before the query: max(block start, chunk start) <= the query, the
+    # block's end and the chunk's end
+    lo = torch.maximum(j[..., None] * block, c * KB)
+    seen = (j[..., None] >= 0) & (c <= last[..., None]) & (lo <= t) & (lo <= c * KB + KB - 1)
+    c = torch.where(seen, c, _BIG).flatten(-2)
+    T = -(-length // QB)
+    c = torch.nn.functional.pad(c, (0, 0, 0, T * QB - L), value=_BIG).view(Bp, Hp, T, -1)
+    c = c.sort(-1).values
+    dup = torch.zeros_like(c, dtype=torch.bool)
+    dup[..., 1:] = c[..., 1:] == c[..., :-1]
+    c = c.masked_fill(dup, _BIG).sort(-1).values
+    counts = (c < _BIG).sum(-1, dtype=torch.int32)
+    return torch.where(c < _BIG, c, -1).to(torch.int32), counts
 
 
-class _GatheredAttention(torch.autograd.Function):
-    """``out[b, h, t] = softmax_j(q . k[pos_j] * scale) v[pos_j]`` over the slots ``idx[b, h // G, t]``."""
+def stis_tile_chunks(length, window, sink, device):
+    """:func:`tile_chunks` of the STIS pattern (the same for every batch row and kv head), ``(1, 1, T, U)``."""
+    return tile_chunks(stis_slots(length, window, sink, device), 1, length)
+
+
+class _BlockAttention(torch.autograd.Function):
+    """Forward and backward of :func:`gathered_attention` / :func:`stis_attention` on tensor cores."""
 
     @staticmethod
-    def forward(ctx, q, k, v, idx, lengths, block, scale, dropout_p):
+    def forward(ctx, q, k, v, idx, chunks, counts, lengths, pattern, scale, dropout_p):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, L, D = q.shape
-        Hkv = k.shape[1]
-        meta, strides = _launch_args(q, k, idx, block)
-        seed = int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0.0 else 0
         out = torch.empty_like(q)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-        bt = _rows_per_tile(H // Hkv)
-        _fwd_kernel[(triton.cdiv(L, bt), B * Hkv)](q, k, v, out, lse, idx, lengths, L, scale, dropout_p, seed,
-                                                   *strides, G_P2=triton.next_power_of_2(H // Hkv), BT=bt,
-                                                   DROPOUT=dropout_p > 0.0, num_warps=4, **meta)
-        ctx.save_for_backward(q, k, v, out, lse, idx, lengths)
-        ctx.block, ctx.scale, ctx.dropout_p, ctx.seed = block, scale, dropout_p, seed
+        seed = int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0.0 else 0
+        _fwd_kernel[_grid(q, k)](q, k, v, out, lse, idx, chunks, counts, lengths, L, scale, dropout_p, seed,
+                                 *_strides(q, k, idx, chunks, counts), **_meta(q, k, idx, pattern, dropout_p))
+        ctx.save_for_backward(q, k, v, out, lse, idx, chunks, counts, lengths)
+        ctx.pattern, ctx.scale, ctx.dropout_p, ctx.seed = pattern, scale, dropout_p, seed
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, idx, lengths = ctx.saved_tensors
+        q, k, v, out, lse, idx, chunks, counts, lengths = ctx.saved_tensors
         dout = dout.contiguous()
-        B, H, L, D = q.shape
-        Hkv = k.shape[1]
-        meta, strides = _launch_args(q, k, idx, ctx.block)
         delta = (dout.float() * out.float()).sum(-1)  # (B, H, L); 0 on padding rows (out is 0 there)
-        common = (lse, delta, idx, lengths, L, ctx.scale, ctx.dropout_p, ctx.seed, *strides)
         dq = torch.empty_like(q)
-        bt = _rows_per_tile(H // Hkv)
-        _bwd_dq_kernel[(triton.cdiv(L, bt), B * Hkv)](q, k, v, dout, dq, *common,
-                                                      G_P2=triton.next_power_of_2(H // Hkv), BT=bt,
-                                                      DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
-        dk = torch.zeros(B, Hkv, L, D, device=q.device, dtype=torch.float32)
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros_like(dk)
-        _bwd_dkdv_kernel[(triton.cdiv(L, 16), B * Hkv)](q, k, v, dout, dk, dv, *common, BT=16,
-                                                         DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        _bwd_kernel[_grid(q, k)](q, k, v, dout, dq, dk, dv, lse, delta, idx, chunks, counts, lengths, q.shape[2],
+                                 ctx.scale, ctx.dropout_p, ctx.seed, *_strides(q, k, idx, chunks, counts),
+                                 **_meta(q, k, idx, ctx.pattern, ctx.dropout_p))
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+
+
+def _grid(q, k):
+    return (triton.cdiv(q.shape[2], QB), q.shape[0] * k.shape[1])
+
+
+def _strides(q, k, idx, chunks, counts):
+    return (*q.stride()[:3], *k.stride()[:3], *idx.stride()[:3], *chunks.stride()[:3], *counts.stride()[:2])
+
+
+def _meta(q, k, idx, pattern, dropout_p):
+    """Compile-time arguments; ``pattern`` is ``("slots", block)`` or ``("stis", window, sink)``."""
+    H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
+    S = idx.shape[-1]
+    stis = pattern[0] == "stis"
+    block = 1 if stis else pattern[1]
+    return dict(HKV=Hkv, G=H // Hkv, G_P2=triton.next_power_of_2(H // Hkv), D=D,
+                D_P2=max(16, triton.next_power_of_2(D)), S=S, S_P2=triton.next_power_of_2(S),
+                PATTERN=1 if stis else 0, BLOCK=block, UNIFORM=block % KB == 0,
+                WINDOW=pattern[1] if stis else 0, SINK=bool(pattern[2]) if stis else False, QB=QB, KB=KB,
+                DROPOUT=dropout_p > 0.0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                num_warps=4)
+
+
+def _prepare(q, lengths, dropout_p, training, scale):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    p = float(dropout_p) if training else 0.0
+    if lengths is None:
+        lengths = torch.full((q.shape[0],), q.shape[2], device=q.device, dtype=torch.int32)
+    return lengths.to(torch.int32), scale, p
 
 
 def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, training=False, scale=None):
     """Triton twin of :func:`recbole_blossom.ops.naive.gathered_attention` (same arguments and result;
     ``idx`` int32, its first two dims may be broadcast with stride 0)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    p = float(dropout_p) if training else 0.0
-    if lengths is None:
-        lengths = torch.full((q.shape[0],), q.shape[2], device=q.device, dtype=torch.int32)
-    idx = idx.to(torch.int32).expand(q.shape[0], k.shape[1], *idx.shape[2:])
-    return _GatheredAttention.apply(q, k, v, idx, lengths.to(torch.int32), block, scale, p)
+    lengths, scale, p = _prepare(q, lengths, dropout_p, training, scale)
+    idx = idx.to(torch.int32)
+    chunks, counts = tile_chunks(idx, block, q.shape[2])
+    expand = (q.shape[0], k.shape[1])
+    idx, chunks, counts = (x.expand(*expand, *x.shape[2:]) for x in (idx, chunks, counts))
+    return _BlockAttention.apply(q, k, v, idx, chunks, counts, lengths, ("slots", block), scale, p)
+
+
+_STIS_CHUNKS = {}  # (L, window, sink, device) -> tile chunks: the pattern depends on L only
+
+
+def stis_attention(q, k, v, window, sink, lengths=None, dropout_p=0.0, training=False, scale=None):
+    """Triton twin of :func:`recbole_blossom.ops.naive.stis_attention`: the STIS mask is computed from the
+    offsets in the kernel, so no slot tensor is read."""
+    lengths, scale, p = _prepare(q, lengths, dropout_p, training, scale)
+    key = (q.shape[2], window, bool(sink), str(q.device))
+    if key not in _STIS_CHUNKS:
+        _STIS_CHUNKS[key] = stis_tile_chunks(q.shape[2], window, sink, q.device)
+    chunks, counts = _STIS_CHUNKS[key]
+    expand = (q.shape[0], k.shape[1])
+    chunks, counts = chunks.expand(*expand, *chunks.shape[2:]), counts.expand(*expand, counts.shape[-1])
+    dummy = torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device).expand(*expand, q.shape[2], 1)
+    return _BlockAttention.apply(q, k, v, dummy, chunks, counts, lengths, ("stis", window, sink), scale, p)
