@@ -24,6 +24,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import sys
 import time
 
@@ -43,7 +44,7 @@ from recbole_blossom.quick_start import build_model, make_config as make_blossom
 DEFAULT_MODELS = "GRU4Rec,SASRec,SASRecSDPA,LinRec,BlossomSASRec,BlossomLinRec"
 METRICS = ("recall@10", "ndcg@10", "mrr@10")
 COLUMNS = ("dataset", "model", "eval_mode", *METRICS, "params", "sec_per_epoch", "peak_gpu_mem_mib",
-           "epochs_run", "stopped_by", "best_valid_ndcg@10", "total_s", "device")
+           "epochs_run", "stopped_by", "best_valid_ndcg@10", "total_s", "device", "peak_host_rss_mib")
 EVAL_MODES = ("full", "uni100")
 
 # RecBole's own yamls size its baselines differently (SASRec: 64 hidden, 2 heads, dropout 0.5); under the
@@ -225,6 +226,8 @@ def run_pair(args, model, dataset, out_dir):
            "sec_per_epoch": sum(epoch_times) / len(epoch_times), "peak_gpu_mem_mib": peak,
            "epochs_run": len(epoch_times), "best_valid_ndcg@10": float(best_valid.get("ndcg@10", "nan")),
            "total_s": total, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           # the process's peak so far: the pair's own peak when it is the process's first (or only) pair
+           "peak_host_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "stopped_by": stopped}
     del trainer, net, train_data, valid_data, test_data
     gc.collect()
