@@ -54,8 +54,8 @@ class BlossomHParams:
     attn_dropout_prob: float = 0.2
     layer_norm_eps: float = 1e-12
     ltis_trainable_compression: bool = False
-    ltis_score_rope: bool = False  # score blocks with rotated q, k (the authors' code) instead of unrotated
-    ltis_score_pool: str = "probs"  # probs: mean of each head's probabilities; logits: mean score, one softmax
+    ltis_score_rope: bool = True  # score blocks with rotated q, k (the authors' code; a tie measured, docs/models.md)
+    ltis_score_pool: str = "logits"  # logits: mean score, one softmax (the authors'); probs: mean of probabilities
 
     @classmethod
     def from_config(cls, config):

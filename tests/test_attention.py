@@ -58,7 +58,10 @@ def naive_ltis_mask(q, k, ltis: LTIS):
         keys = [ltis.memory_key[None].expand(B, Hkv, D)] + [k_cmp[i] for i in visible]
         keys = torch.stack(keys, dim=2)  # (B, Hkv, 1 + V, D)
         qk = (q[:, :, t][:, :, None, :] * keys.repeat_interleave(H // Hkv, 1)).sum(-1) / math.sqrt(D)
-        p = qk.softmax(-1)[..., 1:].view(B, Hkv, H // Hkv, -1).mean(2)  # (B, Hkv, V)
+        if ltis.score_pool == "logits":  # the kv group's mean score, then one softmax
+            p = qk.view(B, Hkv, H // Hkv, -1).mean(2).softmax(-1)[..., 1:]  # (B, Hkv, V)
+        else:  # each head's softmax, then the mean of the probabilities
+            p = qk.softmax(-1)[..., 1:].view(B, Hkv, H // Hkv, -1).mean(2)  # (B, Hkv, V)
         own = t // ls
         slc = torch.zeros(B, Hkv, n_slc)
         count = [0] * n_slc
@@ -196,9 +199,11 @@ def small_attention(**kw):
     return attn.eval()
 
 
-@pytest.mark.parametrize("L,score_rope", [(9, False), (40, False), (70, False), (70, True)])
-def test_layer_matches_naive_composition(L, score_rope):
-    attn = small_attention(ltis_score_rope=score_rope)
+@pytest.mark.parametrize("L,score_rope,pool", [(9, False, "probs"), (40, False, "probs"), (70, False, "probs"),
+                                                (70, True, "probs"), (40, True, "logits"), (70, True, "logits"),
+                                                (70, False, "logits")])
+def test_layer_matches_naive_composition(L, score_rope, pool):
+    attn = small_attention(ltis_score_rope=score_rope, ltis_score_pool=pool)
     x = torch.randn(2, L, 32)
     assert rel_err(attn(x), layer_reference(attn, x)) < 1e-5
 

@@ -147,6 +147,7 @@ def selected_scores(q, k_cmp, mem, idx, geometry):
     (1, 4, 1, 333, 8, (32, 16, 32, 2)),
     (2, 4, 2, 77, 8, (8, 4, 4, 2)),  # small blocks: selection active at short L
     (1, 8, 2, 4099, 16, (32, 16, 16, 8)),
+    (2, 2, 2, 200, 16, (32, 16, 16, 4)),  # one query head a kv head: how ltis_score_pool logits calls it
 ])
 def test_select_blocks_fast_matches_torch(B, H, Hkv, L, D, geometry):
     gen = torch.Generator(device="cuda").manual_seed(L)
