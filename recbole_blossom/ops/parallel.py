@@ -8,21 +8,27 @@
   visible overlapping blocks, and keeps a running top-``n`` per query. The ``L x L / stride`` scores never
   reach memory. Scores use exact float32 products (``input_precision=PRECISION``) so the choice matches the
   PyTorch path except on exact near-ties.
-* :func:`gathered_attention`: a program owns a tile of query positions and *all* query heads of one kv
-  head, so each gathered key and value is read once for the ``G`` heads that share it (rows of the tile
-  are ``(position, head)`` pairs). Forward: online softmax over chunks of gathered keys, saves the
-  log-sum-exp. Backward: ``dq`` per row; ``dk, dv`` summed over the ``G`` heads in registers, then added
-  into float32 buffers with atomics. Inputs may be float32, bfloat16 or float16 (loaded as stored, computed
-  in float32). Head dimension 16 and per-query key sets leave no dense tile for tensor cores here (see
-  ``benchmarks/NOTES.md``): the kernels are bound by gathers, which this layout minimises. Attention
-  dropout uses Philox random numbers that the backward regenerates from the same seed.
+* :func:`gathered_attention` and :func:`stis_attention`, two kernel families:
+
+  - bfloat16 / float16 (what people train in): tensor cores. A program owns 16 consecutive query positions x
+    the ``G`` query heads of one kv head (64 rows at the reference sizes: tall enough for ``tl.dot``) and
+    walks a list of 16-key chunks, the union of what its queries may see (:func:`tile_chunks`; for STIS a
+    fixed list per L). A per-row mask keeps each query to its own keys: membership of the chunk's block in
+    the row's selected blocks (LTIS), or the STIS offsets computed in the kernel. Backward: one kernel, dq per
+    tile, dk/dv of each visited chunk in one ``tl.dot`` and float32 atomics.
+  - float32: CUDA cores with exact products. A program owns (position, head) rows of one kv head and gathers
+    each query's own keys, so each gathered key and value is read once for the ``G`` heads that share it;
+    ``dq`` per row, ``dk, dv`` summed over the heads, then float32 atomics. (In float32 the tensor-core
+    family, which computes a tile's whole union of chunks, was 2-9x slower at L >= 1024: NOTES.md.)
+
+  Attention dropout uses Philox random numbers that the backward regenerates from the same seed.
 """
 
 import math
 
 import torch
 
-from recbole_blossom.ops.naive import stis_slots
+from recbole_blossom.ops.naive import cached_stis_slots, stis_slots
 
 try:
     import triton
@@ -133,6 +139,159 @@ if triton is not None:
         tl.store(out + N_SEL + offs_k[None, :] * 0, own[:, None].to(tl.int32) + offs_k[None, :] * 0,
                  mask=t_ok[:, None] & (offs_k[None, :] == 0))
 
+    # --- gathered attention on CUDA cores (float32: exact products) ------------------------------------------
+    @triton.jit
+    def _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_P2: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr):
+        """Key positions ``(R, CHUNK)`` of chunk ``c`` for rows at positions ``offs_t``, and which count."""
+        slot = c * SLOTS_PER_CHUNK + offs_c // BLOCK_P2
+        j = offs_c % BLOCK_P2
+        slot_ok = (slot < N_SLOTS) & (j < BLOCK)
+        base = tl.load(IDX + idx_off + slot[None, :], mask=t_ok[:, None] & slot_ok[None, :], other=-1)
+        pos = base * BLOCK + j[None, :]
+        ok = (base >= 0) & (pos <= offs_t[:, None]) & slot_ok[None, :]
+        return tl.where(ok, pos, 0), ok
+
+    @triton.jit
+    def _keep_mask(seed, bh, L, offs_t, c, offs_c, NK: tl.constexpr, CHUNK_: tl.constexpr, dropout_p):
+        """Dropout keep mask ``(R, CHUNK)``, the same in forward and backward (``bh`` per row): one Philox
+        counter per (batch x head, position, gathered key)."""
+        counter = (bh[:, None].to(tl.int64) * L + offs_t[:, None]) * NK + c * CHUNK_ + offs_c[None, :]
+        return tl.rand(seed, counter) >= dropout_p
+
+    @triton.jit
+    def _tile(Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV: tl.constexpr, G: tl.constexpr,
+              G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BT: tl.constexpr):
+        """A forward/dq tile: ``BT`` positions x the ``G`` query heads of one kv head (rows padded to
+        ``G_P2``), its scaled queries, and the offsets its gathers start from."""
+        b, hkv = (tl.program_id(1) // HKV).to(tl.int64), tl.program_id(1) % HKV
+        r = tl.arange(0, BT * G_P2)
+        offs_t = tl.program_id(0) * BT + r // G_P2
+        g = r % G_P2
+        h = hkv * G + g
+        t_ok = (offs_t < L) & (g < G)
+        offs_d = tl.arange(0, D_P2)
+        d_ok = offs_d < D
+        row = b * sqb + h[:, None] * sqh + offs_t[:, None] * sql + offs_d[None, :]
+        row_mask = t_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + row, mask=row_mask, other=0.0).to(tl.float32) * scale
+        kv_base = b * skb + hkv * skh
+        idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
+        return b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, b * (HKV * G) + h
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, IDX, LENS, L, scale, dropout_p, seed,
+                    sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
+                    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
+                    D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr,
+                    SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK_: tl.constexpr,
+                    BT: tl.constexpr, DROPOUT: tl.constexpr):
+        b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, bh = _tile(
+            Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV, G, G_P2, D, D_P2, BT)
+        offs_c = tl.arange(0, CHUNK_)
+        m = tl.full([BT * G_P2], float("-inf"), tl.float32)
+        den = tl.zeros([BT * G_P2], tl.float32)
+        acc = tl.zeros([BT * G_P2, D_P2], tl.float32)
+        for c in range(N_CHUNKS):
+            pos, ok = _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
+            kv_off = kv_base + pos[:, :, None] * skl + offs_d[None, None, :]
+            kv_mask = ok[:, :, None] & d_ok[None, None, :]
+            k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.where(ok, tl.sum(q[:, None, :] * k, axis=2), float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            den = den * alpha + tl.sum(p, axis=1)
+            if DROPOUT:
+                keep = _keep_mask(seed, bh, L, offs_t, c, offs_c, N_CHUNKS * CHUNK_, CHUNK_, dropout_p)
+                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
+            m = m_new
+        den_safe = tl.where(den > 0.0, den, 1.0)
+        out = tl.where((offs_t < tl.load(LENS + b))[:, None], acc / den_safe[:, None], 0.0)  # padding rows: 0
+        tl.store(O + row, out.to(O.dtype.element_ty), mask=row_mask)
+        tl.store(LSE + bh * L + offs_t, m + tl.log(den_safe), mask=t_ok)
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, LENS, L, scale, dropout_p, seed,
+                       sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
+                       H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
+                       D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr,
+                       SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK_: tl.constexpr,
+                       BT: tl.constexpr, DROPOUT: tl.constexpr):
+        b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, bh = _tile(
+            Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV, G, G_P2, D, D_P2, BT)
+        offs_c = tl.arange(0, CHUNK_)
+        do_mask = row_mask & (offs_t < tl.load(LENS + b))[:, None]  # padding rows get no gradient
+        do = tl.load(DO + row, mask=do_mask, other=0.0).to(tl.float32)
+        lse = tl.load(LSE + bh * L + offs_t, mask=t_ok, other=0.0)
+        delta = tl.load(DELTA + bh * L + offs_t, mask=t_ok, other=0.0)
+        dq = tl.zeros([BT * G_P2, D_P2], tl.float32)
+        for c in range(N_CHUNKS):
+            pos, ok = _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
+            kv_off = kv_base + pos[:, :, None] * skl + offs_d[None, None, :]
+            kv_mask = ok[:, :, None] & d_ok[None, None, :]
+            k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            p = tl.where(ok, tl.exp(tl.sum(q[:, None, :] * k, axis=2) - lse[:, None]), 0.0)
+            dp = tl.sum(do[:, None, :] * v, axis=2)
+            if DROPOUT:
+                keep = _keep_mask(seed, bh, L, offs_t, c, offs_c, N_CHUNKS * CHUNK_, CHUNK_, dropout_p)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.sum(ds[:, :, None] * k, axis=1)
+        tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, LENS, L, scale, dropout_p, seed,
+                         sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
+                         H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                         D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr,
+                         BLOCK_P2: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
+                         CHUNK_: tl.constexpr, BT: tl.constexpr, DROPOUT: tl.constexpr):
+        pid_t, bhk = tl.program_id(0), tl.program_id(1)
+        b, hkv = (bhk // HKV).to(tl.int64), bhk % HKV
+        offs_t = pid_t * BT + tl.arange(0, BT)
+        offs_c = tl.arange(0, CHUNK_)
+        offs_d = tl.arange(0, D_P2)
+        t_ok, d_ok = offs_t < L, offs_d < D
+        row_mask = t_ok[:, None] & d_ok[None, :]
+        do_mask = row_mask & (offs_t < tl.load(LENS + b))[:, None]  # padding rows get no gradient
+        kv_base = b * skb + hkv * skh
+        idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
+        for c in range(N_CHUNKS):
+            pos, ok = _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
+            kv_off = kv_base + pos[:, :, None] * skl + offs_d[None, None, :]
+            kv_mask = ok[:, :, None] & d_ok[None, None, :]
+            k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            dk = tl.zeros([BT, CHUNK_, D_P2], tl.float32)
+            dv = tl.zeros([BT, CHUNK_, D_P2], tl.float32)
+            for g in tl.static_range(G):
+                h = hkv * G + g
+                bh = b * H + h
+                row = b * sqb + h * sqh + offs_t[:, None] * sql + offs_d[None, :]
+                q = tl.load(Q + row, mask=row_mask, other=0.0).to(tl.float32) * scale
+                do = tl.load(DO + row, mask=do_mask, other=0.0).to(tl.float32)
+                lse = tl.load(LSE + bh * L + offs_t, mask=t_ok, other=0.0)
+                delta = tl.load(DELTA + bh * L + offs_t, mask=t_ok, other=0.0)
+                p = tl.where(ok, tl.exp(tl.sum(q[:, None, :] * k, axis=2) - lse[:, None]), 0.0)
+                dp = tl.sum(do[:, None, :] * v, axis=2)
+                pd = p
+                if DROPOUT:
+                    keep = _keep_mask(seed, bh + offs_t * 0, L, offs_t, c, offs_c, N_CHUNKS * CHUNK_, CHUNK_,
+                                      dropout_p)
+                    dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                    pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                ds = p * (dp - delta[:, None])
+                dk += ds[:, :, None] * q[:, None, :]  # q already carries the scale
+                dv += pd[:, :, None] * do[:, None, :]
+            out_off = bhk.to(tl.int64) * L * D + pos[:, :, None] * D + offs_d[None, None, :]
+            tl.atomic_add(DK + out_off, dk, mask=kv_mask, sem="relaxed")
+            tl.atomic_add(DV + out_off, dv, mask=kv_mask, sem="relaxed")
+
     # --- block-sparse attention on tensor cores ------------------------------------------------------------
     # A program owns a tile of QB consecutive query positions x the G query heads of one kv head: QB * G_P2
     # rows, so every key and value it loads serves the whole kv group, and the tile is tall enough for
@@ -178,14 +337,14 @@ if triton is not None:
         return ok
 
     @triton.jit
-    def _keep(seed, bh, t, s, L, dropout_p):
+    def _tc_keep(seed, bh, t, s, L, dropout_p):
         """Dropout keep mask ``(rows, KB)``: one Philox counter per (batch x head, query, key), so the
         backward regenerates the forward's mask whatever order it visits the keys in."""
         counter = (bh[:, None].to(tl.int64) * L + t[:, None]) * L + s[None, :]
         return tl.rand(seed, counter) >= dropout_p
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
+    def _tc_fwd_kernel(Q, K, V, O, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
                     sqb, sqh, sql, skb, skh, skl, sib, sih, sil, scb, sch, sct, snb, snh,
                     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
@@ -219,7 +378,7 @@ if triton is not None:
             p = tl.exp(sc - m_safe[:, None])
             den = den * alpha + tl.sum(p, axis=1)
             if DROPOUT:
-                p = tl.where(_keep(seed, bh, t, s, L, dropout_p), p / (1.0 - dropout_p), 0.0)
+                p = tl.where(_tc_keep(seed, bh, t, s, L, dropout_p), p / (1.0 - dropout_p), 0.0)
             v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
@@ -229,7 +388,7 @@ if triton is not None:
         tl.store(LSE + bh * L + t, m + tl.log(den_safe), mask=row_ok)
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
+    def _tc_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
                     sqb, sqh, sql, skb, skh, skl, sib, sih, sil, scb, sch, sct, snb, snh,
                     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
@@ -265,7 +424,7 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             pd = p
             if DROPOUT:
-                keep = _keep(seed, bh, t, s, L, dropout_p)
+                keep = _tc_keep(seed, bh, t, s, L, dropout_p)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
                 pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
             ds = p * (dp - delta[:, None])
@@ -280,6 +439,12 @@ if triton is not None:
 
 QB = 16  # query positions per tile of the attention kernels (x the kv group's heads = the tile's rows)
 KB = 16  # keys per chunk
+# Longest L given to the tensor-core kernels in gathered_attention (LTIS). A tile's union of selected chunks
+# grows with L (mean 6.9 chunks at L = 200, 45.9 at 8192 for random inputs, of 5 blocks a query): per call at
+# L = 8192 both families cost the same (2.3 ms forward + backward, bf16, H100), and at L = 32,768 the whole
+# training step was 25.0 ms with the tensor-core kernels against 21.5 ms with the gather kernels
+# (benchmarks/NOTES.md). STIS visits about log2(L) chunks a tile at any L and always uses tensor cores.
+TC_MAX_LEN = 8192
 
 
 def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None,
@@ -300,6 +465,66 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
         N_OV=overlap_count(block_len, stride, select_size), G_P2=triton.next_power_of_2(H // Hkv), BT=bt, BC=bc,
         PRECISION=precision, num_warps=num_warps)
     return idx
+
+
+def _launch_args(q, k, idx, block):
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    n_slots = idx.shape[-1]
+    block_p2 = triton.next_power_of_2(block)
+    chunk = max(CHUNK, block_p2)
+    slots_per_chunk = chunk // block_p2
+    meta = dict(H=H, HKV=Hkv, G=H // Hkv, D=D, D_P2=triton.next_power_of_2(D), N_SLOTS=n_slots, BLOCK=block,
+                BLOCK_P2=block_p2, SLOTS_PER_CHUNK=slots_per_chunk, N_CHUNKS=-(-n_slots // slots_per_chunk),
+                CHUNK_=chunk)
+    strides = (*q.stride()[:3], *k.stride()[:3], *idx.stride()[:3])
+    return meta, strides
+
+
+def _rows_per_tile(G):
+    """Positions per tile of the forward/dq kernels: 32 rows of (position, head)."""
+    return max(1, 32 // triton.next_power_of_2(G))
+
+
+class _GatheredAttention(torch.autograd.Function):
+    """``out[b, h, t] = softmax_j(q . k[pos_j] * scale) v[pos_j]`` over the slots ``idx[b, h // G, t]``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, lengths, block, scale, dropout_p):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, H, L, D = q.shape
+        Hkv = k.shape[1]
+        meta, strides = _launch_args(q, k, idx, block)
+        seed = int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0.0 else 0
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+        bt = _rows_per_tile(H // Hkv)
+        _fwd_kernel[(triton.cdiv(L, bt), B * Hkv)](q, k, v, out, lse, idx, lengths, L, scale, dropout_p, seed,
+                                                   *strides, G_P2=triton.next_power_of_2(H // Hkv), BT=bt,
+                                                   DROPOUT=dropout_p > 0.0, num_warps=4, **meta)
+        ctx.save_for_backward(q, k, v, out, lse, idx, lengths)
+        ctx.block, ctx.scale, ctx.dropout_p, ctx.seed = block, scale, dropout_p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, idx, lengths = ctx.saved_tensors
+        dout = dout.contiguous()
+        B, H, L, D = q.shape
+        Hkv = k.shape[1]
+        meta, strides = _launch_args(q, k, idx, ctx.block)
+        delta = (dout.float() * out.float()).sum(-1)  # (B, H, L); 0 on padding rows (out is 0 there)
+        common = (lse, delta, idx, lengths, L, ctx.scale, ctx.dropout_p, ctx.seed, *strides)
+        dq = torch.empty_like(q)
+        bt = _rows_per_tile(H // Hkv)
+        _bwd_dq_kernel[(triton.cdiv(L, bt), B * Hkv)](q, k, v, dout, dq, *common,
+                                                      G_P2=triton.next_power_of_2(H // Hkv), BT=bt,
+                                                      DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
+        dk = torch.zeros(B, Hkv, L, D, device=q.device, dtype=torch.float32)
+        dv = torch.zeros_like(dk)
+        _bwd_dkdv_kernel[(triton.cdiv(L, 16), B * Hkv)](q, k, v, dout, dk, dv, *common, BT=16,
+                                                         DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 _BIG = 2 ** 30
@@ -346,7 +571,7 @@ class _BlockAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         seed = int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0.0 else 0
-        _fwd_kernel[_grid(q, k)](q, k, v, out, lse, idx, chunks, counts, lengths, L, scale, dropout_p, seed,
+        _tc_fwd_kernel[_grid(q, k)](q, k, v, out, lse, idx, chunks, counts, lengths, L, scale, dropout_p, seed,
                                  *_strides(q, k, idx, chunks, counts), **_meta(q, k, idx, pattern, dropout_p))
         ctx.save_for_backward(q, k, v, out, lse, idx, chunks, counts, lengths)
         ctx.pattern, ctx.scale, ctx.dropout_p, ctx.seed = pattern, scale, dropout_p, seed
@@ -360,7 +585,7 @@ class _BlockAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros_like(dk)
-        _bwd_kernel[_grid(q, k)](q, k, v, dout, dq, dk, dv, lse, delta, idx, chunks, counts, lengths, q.shape[2],
+        _tc_bwd_kernel[_grid(q, k)](q, k, v, dout, dq, dk, dv, lse, delta, idx, chunks, counts, lengths, q.shape[2],
                                  ctx.scale, ctx.dropout_p, ctx.seed, *_strides(q, k, idx, chunks, counts),
                                  **_meta(q, k, idx, ctx.pattern, ctx.dropout_p))
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
@@ -398,11 +623,15 @@ def _prepare(q, lengths, dropout_p, training, scale):
 
 def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, training=False, scale=None):
     """Triton twin of :func:`recbole_blossom.ops.naive.gathered_attention` (same arguments and result;
-    ``idx`` int32, its first two dims may be broadcast with stride 0)."""
+    ``idx`` int32, its first two dims may be broadcast with stride 0). bfloat16/float16: the tensor-core
+    kernels over each tile's union of key chunks (up to ``TC_MAX_LEN``); float32, or longer sequences: the
+    CUDA-core kernels over each query's own gathered keys (exact products in float32)."""
     lengths, scale, p = _prepare(q, lengths, dropout_p, training, scale)
     idx = idx.to(torch.int32)
-    chunks, counts = tile_chunks(idx, block, q.shape[2])
     expand = (q.shape[0], k.shape[1])
+    if q.dtype == torch.float32 or q.shape[2] > TC_MAX_LEN:
+        return _GatheredAttention.apply(q, k, v, idx.expand(*expand, *idx.shape[2:]), lengths, block, scale, p)
+    chunks, counts = tile_chunks(idx, block, q.shape[2])
     idx, chunks, counts = (x.expand(*expand, *x.shape[2:]) for x in (idx, chunks, counts))
     return _BlockAttention.apply(q, k, v, idx, chunks, counts, lengths, ("slots", block), scale, p)
 
@@ -411,8 +640,12 @@ _STIS_CHUNKS = {}  # (L, window, sink, device) -> tile chunks: the pattern depen
 
 
 def stis_attention(q, k, v, window, sink, lengths=None, dropout_p=0.0, training=False, scale=None):
-    """Triton twin of :func:`recbole_blossom.ops.naive.stis_attention`: the STIS mask is computed from the
-    offsets in the kernel, so no slot tensor is read."""
+    """Triton twin of :func:`recbole_blossom.ops.naive.stis_attention`. bfloat16/float16: the tensor-core kernels
+    with the STIS mask computed from the offsets (no slot tensor is read); float32: :func:`gathered_attention`
+    over the STIS slots."""
+    if q.dtype == torch.float32:
+        return gathered_attention(q, k, v, cached_stis_slots(q.shape[2], window, bool(sink), str(q.device)), 1,
+                                  lengths, dropout_p, training, scale)
     lengths, scale, p = _prepare(q, lengths, dropout_p, training, scale)
     key = (q.shape[2], window, bool(sink), str(q.device))
     if key not in _STIS_CHUNKS:
