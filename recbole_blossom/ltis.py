@@ -81,7 +81,7 @@ class LTIS(nn.Module):
     """
 
     def __init__(self, head_dim, n_kv_heads, *, block_len=32, stride=16, select_size=16, n_select=4,
-                 dropout_p=0.0, chunk_size=1024, impl="auto", trainable_compression=False, score_pool="probs"):
+                 dropout_p=0.0, chunk_size=1024, impl="auto", trainable_compression=False, score_pool="logits"):
         super().__init__()
         self.score_pool = score_pool
         self.block_len, self.stride, self.select_size, self.n_select = block_len, stride, select_size, n_select

@@ -231,11 +231,13 @@ def test_selection_is_active_where_tested():
 
 
 @pytest.mark.parametrize("L", [200, 512])
-def test_every_past_block_competes_fairly(L):
+@pytest.mark.parametrize("pool", ["probs", "logits"])
+def test_every_past_block_competes_fairly(L, pool):
     """Over random inputs (reference sizes), each past block -- block 0 and the one just before the query's
-    own block included -- is chosen at a rate within a factor of 2 of the uniform share n_select / o."""
+    own block included -- is chosen at a rate within a factor of 2 of the uniform share n_select / o, with
+    either pooling over the kv group."""
     torch.manual_seed(0)
-    ltis = LTIS(head_dim=16, n_kv_heads=2)
+    ltis = LTIS(head_dim=16, n_kv_heads=2, score_pool=pool)
     own = torch.arange(L) // 16
     n_slc = int(own[-1]) + 1
     chosen = torch.zeros(L, n_slc)
