@@ -260,6 +260,22 @@ def test_tile_chunks_are_the_union_of_the_tiles_keys(L, geometry):
     assert torch.equal(stis, ref) and torch.equal(stis_counts, ref_counts)
 
 
+@gpu
+@pytest.mark.parametrize("L,geometry", [(200, (32, 16, 16, 4)), (333, (32, 16, 32, 2)), (77, (8, 4, 4, 2)),
+                                        (150, (8, 4, 24, 2)), (4099, (32, 16, 16, 4))])
+def test_tile_presence_marks_the_tile_chunks(L, geometry):
+    """The presence bytes the LTIS kernels scan (one Triton kernel) mark exactly the chunks of tile_chunks."""
+    gen = torch.Generator(device="cuda").manual_seed(L)
+    q = torch.randn(2, 4, L, 8, device="cuda", generator=gen)
+    k_cmp = torch.randn(2, 2, num_compressed_blocks(L, *geometry[:2]), 8, device="cuda", generator=gen)
+    idx = naive.select_blocks(q, k_cmp, torch.randn(2, 8, device="cuda", generator=gen), *geometry)
+    presence = parallel.tile_presence(idx, geometry[2], L)
+    chunks, _ = parallel.tile_chunks(idx, geometry[2], L)
+    expect = torch.zeros(*chunks.shape[:3], presence.shape[-1] + 1, dtype=torch.uint8, device="cuda")
+    expect.scatter_(-1, torch.where(chunks >= 0, chunks, presence.shape[-1]).long(), 1)
+    assert torch.equal(presence, expect[..., :-1])
+
+
 # --- shortcuts shared by both paths (CPU) ---------------------------------------------------------------
 
 def test_top_n_is_topk():

@@ -344,44 +344,80 @@ if triton is not None:
         return tl.rand(seed, counter) >= dropout_p
 
     @triton.jit
+    def _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB: tl.constexpr, KB: tl.constexpr,
+                    BITMAP: tl.constexpr):
+        """How many steps this tile's chunk loop takes and where its row of ``CH`` starts. BITMAP: ``CH`` holds a
+        presence byte per chunk, scanned up to the chunk of the tile's last query; else a list of chunk ids,
+        ``CNT`` long."""
+        if BITMAP:
+            n = tl.minimum(tl.program_id(0) * QB + QB - 1, L - 1) // KB + 1
+        else:
+            n = tl.load(CNT + b * snb + hkv * snh + tl.program_id(0))
+        return n, CH + b * scb + hkv * sch + tl.program_id(0) * sct
+
+    @triton.jit
+    def _presence_kernel(IDX, PRES, L, sib, sih, sil, spb, sph, spt, HP: tl.constexpr, S: tl.constexpr,
+                         S_P2: tl.constexpr, QB: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr,
+                         SPAN: tl.constexpr):
+        """Presence bytes of one tile: 1 for each KB-key chunk holding a key of a selected block at or before
+        one of the tile's QB queries (the rule of :func:`tile_chunks`, without sorting)."""
+        b, h = (tl.program_id(1) // HP).to(tl.int64), tl.program_id(1) % HP
+        pos = tl.program_id(0) * QB + tl.arange(0, QB)
+        offs_s = tl.arange(0, S_P2)
+        j = tl.load(IDX + b * sib + h * sih + pos[:, None] * sil + offs_s[None, :],
+                    mask=(pos < L)[:, None] & (offs_s < S)[None, :], other=-1)
+        last = ((j + 1) * BLOCK - 1) // KB
+        row = PRES + b * spb + h * sph + tl.program_id(0) * spt
+        for r in tl.static_range(SPAN):
+            c = (j * BLOCK) // KB + r
+            lo = tl.maximum(j * BLOCK, c * KB)
+            seen = (j >= 0) & (c <= last) & (lo <= pos[:, None])
+            tl.store(row + c, tl.full([QB, S_P2], 1, tl.uint8), mask=seen)
+
+    @triton.jit
     def _tc_fwd_kernel(Q, K, V, O, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
                     sqb, sqh, sql, skb, skh, skl, sib, sih, sil, scb, sch, sct, snb, snh,
                     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
                     UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, QB: tl.constexpr,
-                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BITMAP: tl.constexpr):
         b, hkv, t, row_ok, offs_d, d_ok, row, row_mask, bh = _tile_rows(Q, L, sqb, sqh, sql, QB, HKV, G, G_P2, D,
                                                                         D_P2)
         q = tl.load(Q + row, mask=row_mask, other=0.0)
         offs_s = tl.arange(0, S_P2)
         row_idx = tl.load(IDX + b * sib + hkv * sih + t[:, None] * sil + offs_s[None, :],
                           mask=row_ok[:, None] & (offs_s < S)[None, :], other=-1)
-        n = tl.load(CNT + b * snb + hkv * snh + tl.program_id(0))
-        ch = CH + b * scb + hkv * sch + tl.program_id(0) * sct
+        n, ch = _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB, KB, BITMAP)
         kv_base = b * skb + hkv * skh
         offs_k = tl.arange(0, KB)
         m = tl.full([QB * G_P2], float("-inf"), tl.float32)
         den = tl.zeros([QB * G_P2], tl.float32)
         acc = tl.zeros([QB * G_P2, D_P2], tl.float32)
         for u in range(0, n):
-            c = tl.load(ch + u)
-            s = c * KB + offs_k
-            kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
-            kv_mask = (s < L)[:, None] & d_ok[None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
-            sc = tl.where(ok, sc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(sc - m_safe[:, None])
-            den = den * alpha + tl.sum(p, axis=1)
-            if DROPOUT:
-                p = tl.where(_tc_keep(seed, bh, t, s, L, dropout_p), p / (1.0 - dropout_p), 0.0)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+            if BITMAP:  # chunk u is visited when the tile's presence byte says so
+                c = u
+                go = tl.load(ch + u) != 0
+            else:  # the u-th chunk of the tile's list
+                c = tl.load(ch + u)
+                go = True  # every listed chunk is visited: no branch in the compiled loop
+            if go:
+                s = c * KB + offs_k
+                kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
+                kv_mask = (s < L)[:, None] & d_ok[None, :]
+                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+                sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
+                sc = tl.where(ok, sc, float("-inf"))
+                m_new = tl.maximum(m, tl.max(sc, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m - m_safe)
+                p = tl.exp(sc - m_safe[:, None])
+                den = den * alpha + tl.sum(p, axis=1)
+                if DROPOUT:
+                    p = tl.where(_tc_keep(seed, bh, t, s, L, dropout_p), p / (1.0 - dropout_p), 0.0)
+                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m = m_new
         den_safe = tl.where(den > 0.0, den, 1.0)
         out = tl.where((t < tl.load(LENS + b))[:, None], acc / den_safe[:, None], 0.0)  # padding rows: 0
         tl.store(O + row, out.to(O.dtype.element_ty), mask=row_mask)
@@ -393,7 +429,7 @@ if triton is not None:
                     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
                     UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, QB: tl.constexpr,
-                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BITMAP: tl.constexpr):
         """dq of the tile's rows; dk, dv of each visited chunk summed over the tile's rows in one tl.dot,
         then added into float32 buffers with atomics (other tiles visit the same chunk)."""
         b, hkv, t, row_ok, offs_d, d_ok, row, row_mask, bh = _tile_rows(Q, L, sqb, sqh, sql, QB, HKV, G, G_P2, D,
@@ -405,35 +441,40 @@ if triton is not None:
         offs_s = tl.arange(0, S_P2)
         row_idx = tl.load(IDX + b * sib + hkv * sih + t[:, None] * sil + offs_s[None, :],
                           mask=row_ok[:, None] & (offs_s < S)[None, :], other=-1)
-        n = tl.load(CNT + b * snb + hkv * snh + tl.program_id(0))
-        ch = CH + b * scb + hkv * sch + tl.program_id(0) * sct
+        n, ch = _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB, KB, BITMAP)
         kv_base = b * skb + hkv * skh
         out_base = tl.program_id(1).to(tl.int64) * L * D
         offs_k = tl.arange(0, KB)
         dq = tl.zeros([QB * G_P2, D_P2], tl.float32)
         for u in range(0, n):
-            c = tl.load(ch + u)
-            s = c * KB + offs_k
-            kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
-            kv_mask = (s < L)[:, None] & d_ok[None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
-            p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            pd = p
-            if DROPOUT:
-                keep = _tc_keep(seed, bh, t, s, L, dropout_p)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-                pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-            dv = tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
-            out_off = out_base + s[:, None] * D + offs_d[None, :]
-            tl.atomic_add(DK + out_off, dk, mask=kv_mask, sem="relaxed")
-            tl.atomic_add(DV + out_off, dv, mask=kv_mask, sem="relaxed")
+            if BITMAP:
+                c = u
+                go = tl.load(ch + u) != 0
+            else:
+                c = tl.load(ch + u)
+                go = True  # every listed chunk is visited: no branch in the compiled loop
+            if go:
+                s = c * KB + offs_k
+                kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
+                kv_mask = (s < L)[:, None] & d_ok[None, :]
+                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+                sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
+                p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                pd = p
+                if DROPOUT:
+                    keep = _tc_keep(seed, bh, t, s, L, dropout_p)
+                    dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                    pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+                dv = tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
+                out_off = out_base + s[:, None] * D + offs_d[None, :]
+                tl.atomic_add(DK + out_off, dk, mask=kv_mask, sem="relaxed")
+                tl.atomic_add(DV + out_off, dv, mask=kv_mask, sem="relaxed")
         tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
 
 
@@ -537,7 +578,7 @@ def tile_chunks(idx, block, length):
     ``T = ceil(L / QB)``."""
     Bp, Hp, L, S = idx.shape
     j = idx.long()
-    span = block // KB if block % KB == 0 else -(-(block - 1) // KB) + 1  # chunks one block can meet
+    span = _span(block)
     first, last = j * block // KB, ((j + 1) * block - 1) // KB
     c = first[..., None] + torch.arange(span, device=idx.device)
     t = torch.arange(L, device=idx.device).view(L, 1, 1)
@@ -554,6 +595,22 @@ def tile_chunks(idx, block, length):
     c = c.masked_fill(dup, _BIG).sort(-1).values
     counts = (c < _BIG).sum(-1, dtype=torch.int32)
     return torch.where(c < _BIG, c, -1).to(torch.int32), counts
+
+
+def _span(block):
+    """Most KB-key chunks one selection block of ``block`` keys can meet."""
+    return block // KB if block % KB == 0 else -(-(block - 1) // KB) + 1
+
+
+def tile_presence(idx, block, length):
+    """The chunks of :func:`tile_chunks` as presence bytes, built by one kernel without sorting: ``(B', H', T,
+    NCH)`` uint8, 1 where query tile ``t`` visits chunk ``c`` (``NCH = ceil(L / KB)``)."""
+    Bp, Hp, L, S = idx.shape
+    T, n_chunks = -(-length // QB), -(-length // KB)
+    presence = torch.zeros(Bp, Hp, T, n_chunks, dtype=torch.uint8, device=idx.device)
+    _presence_kernel[(T, Bp * Hp)](idx, presence, L, *idx.stride()[:3], *presence.stride()[:3], HP=Hp, S=S,
+                                   S_P2=triton.next_power_of_2(S), QB=QB, KB=KB, BLOCK=block, SPAN=_span(block))
+    return presence
 
 
 def stis_tile_chunks(length, window, sink, device):
@@ -610,7 +667,7 @@ def _meta(q, k, idx, pattern, dropout_p):
                 PATTERN=1 if stis else 0, BLOCK=block, UNIFORM=block % KB == 0,
                 WINDOW=pattern[1] if stis else 0, SINK=bool(pattern[2]) if stis else False, QB=QB, KB=KB,
                 DROPOUT=dropout_p > 0.0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                num_warps=4)
+                BITMAP=not stis, num_warps=4)
 
 
 def _prepare(q, lengths, dropout_p, training, scale):
@@ -631,9 +688,10 @@ def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, trainin
     expand = (q.shape[0], k.shape[1])
     if q.dtype == torch.float32 or q.shape[2] > TC_MAX_LEN:
         return _GatheredAttention.apply(q, k, v, idx.expand(*expand, *idx.shape[2:]), lengths, block, scale, p)
-    chunks, counts = tile_chunks(idx, block, q.shape[2])
-    idx, chunks, counts = (x.expand(*expand, *x.shape[2:]) for x in (idx, chunks, counts))
-    return _BlockAttention.apply(q, k, v, idx, chunks, counts, lengths, ("slots", block), scale, p)
+    presence = tile_presence(idx, block, q.shape[2])
+    counts = presence.new_zeros(1, 1, 1, dtype=torch.int32)  # unused: the kernels scan the presence bytes
+    idx, presence, counts = (x.expand(*expand, *x.shape[2:]) for x in (idx, presence, counts))
+    return _BlockAttention.apply(q, k, v, idx, presence, counts, lengths, ("slots", block), scale, p)
 
 
 _STIS_CHUNKS = {}  # (L, window, sink, device) -> tile chunks: the pattern depends on L only
