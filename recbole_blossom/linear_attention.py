@@ -197,7 +197,7 @@ class BlossomLinRecAttention(BlossomAttention):
 
     def ltis_slots(self, q_raw, k_raw):
         """``(B, Hkv, L, n_slc_blocks + 1)`` selected blocks, chosen exactly as ``BlossomAttention`` chooses them
-        (unrotated projections unless ``ltis_score_rope``)."""
+        (rotated projections when ``ltis_score_rope``, the default)."""
         q_score, k_score = self.rotary(q_raw, k_raw) if self.hp.ltis_score_rope else (q_raw, k_raw)
         return self.ltis.select(q_score, k_score)
 

@@ -4,7 +4,8 @@
    turns each block (plus learned intra-block positions) into one compressed key. One learned memory key
    is always visible.
 2. *Scoring and selection* (:func:`recbole_blossom.ops.select_blocks`): each query scores the compressed
-   blocks wholly in its past, the probabilities are pooled over the query heads of a kv head, each
+   blocks wholly in its past, the scores are pooled over the query heads of a kv head (``score_pool``:
+   ``logits``, the mean score before one softmax, or ``probs``, the mean of each head's probabilities), each
    selection block gets the mean of its visible overlapping compressed blocks, and the ``n_select`` best
    past selection blocks are kept, plus the query's own block.
 3. *Attention* (:func:`recbole_blossom.ops.gathered_attention`): the query attends exactly to the tokens
