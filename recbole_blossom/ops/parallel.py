@@ -160,24 +160,32 @@ if triton is not None:
         return tl.rand(seed, counter) >= dropout_p
 
     @triton.jit
-    def _tile(Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV: tl.constexpr, G: tl.constexpr,
-              G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BT: tl.constexpr):
-        """A forward/dq tile: ``BT`` positions x the ``G`` query heads of one kv head (rows padded to
-        ``G_P2``), its scaled queries, and the offsets its gathers start from."""
+    def _tile_rows(Q, L, sqb, sqh, sql, QB: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                   G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr):
+        """Rows ``(position t, head h)`` of this program's tile (``QB`` positions x the ``G`` query heads of one kv
+        head, padded to ``G_P2``) and the offsets of their q/o/do rows; shared by both kernel families."""
         b, hkv = (tl.program_id(1) // HKV).to(tl.int64), tl.program_id(1) % HKV
-        r = tl.arange(0, BT * G_P2)
-        offs_t = tl.program_id(0) * BT + r // G_P2
+        r = tl.arange(0, QB * G_P2)
+        t = tl.program_id(0) * QB + r // G_P2
         g = r % G_P2
         h = hkv * G + g
-        t_ok = (offs_t < L) & (g < G)
+        row_ok = (t < L) & (g < G)
         offs_d = tl.arange(0, D_P2)
         d_ok = offs_d < D
-        row = b * sqb + h[:, None] * sqh + offs_t[:, None] * sql + offs_d[None, :]
-        row_mask = t_ok[:, None] & d_ok[None, :]
+        row = b * sqb + h[:, None] * sqh + t[:, None] * sql + offs_d[None, :]
+        return b, hkv, t, row_ok, offs_d, d_ok, row, row_ok[:, None] & d_ok[None, :], b * (HKV * G) + h
+
+    @triton.jit
+    def _tile(Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV: tl.constexpr, G: tl.constexpr,
+              G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BT: tl.constexpr):
+        """A forward/dq tile of the gather kernels: :func:`_tile_rows` of ``BT`` positions, their scaled
+        queries, and the offsets the gathers start from."""
+        b, hkv, offs_t, t_ok, offs_d, d_ok, row, row_mask, bh = _tile_rows(Q, L, sqb, sqh, sql, BT, HKV, G, G_P2,
+                                                                           D, D_P2)
         q = tl.load(Q + row, mask=row_mask, other=0.0).to(tl.float32) * scale
         kv_base = b * skb + hkv * skh
         idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
-        return b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, b * (HKV * G) + h
+        return b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, bh
 
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, IDX, LENS, L, scale, dropout_p, seed,
@@ -299,21 +307,6 @@ if triton is not None:
     # (KB consecutive positions each): the union of what the tile's queries may see. A per-row mask keeps
     # each query to its own keys: membership in its selected blocks (PATTERN 0, LTIS), or the fixed STIS
     # offsets (PATTERN 1: recent window, power-of-two distances, sink), always causal.
-
-    @triton.jit
-    def _tile_rows(Q, L, sqb, sqh, sql, QB: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                   G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr):
-        """Rows ``(position t, head h)`` of this program's tile and the offsets of their q/o/do rows."""
-        b, hkv = (tl.program_id(1) // HKV).to(tl.int64), tl.program_id(1) % HKV
-        r = tl.arange(0, QB * G_P2)
-        t = tl.program_id(0) * QB + r // G_P2
-        g = r % G_P2
-        h = hkv * G + g
-        row_ok = (t < L) & (g < G)
-        offs_d = tl.arange(0, D_P2)
-        d_ok = offs_d < D
-        row = b * sqb + h[:, None] * sqh + t[:, None] * sql + offs_d[None, :]
-        return b, hkv, t, row_ok, offs_d, d_ok, row, row_ok[:, None] & d_ok[None, :], b * (HKV * G) + h
 
     @triton.jit
     def _allowed(t, s, row_ok, row_idx, c, PATTERN: tl.constexpr, BLOCK: tl.constexpr, UNIFORM: tl.constexpr,
