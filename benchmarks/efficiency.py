@@ -211,12 +211,23 @@ def profile(name, cls, extra, max_len, batch, args, device, dtype):
 
     for _ in range(3):
         step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    torch.cuda.synchronize()
+    enqueue = []  # host time to issue a step; when it is close to the step time, the step is bound by the host
+    for _ in range(5):
+        start = time.perf_counter()
+        step()
+        enqueue.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(f"\n== {name} L={max_len} B={batch}: 3 training steps")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+    print(f"\n== {name} L={max_len} B={batch}: 3 training steps; host time to issue one step "
+          f"{sorted(enqueue)[2]:.2f} ms (median of 5)")
+    table = prof.key_averages()
+    print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+    print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     del model, opt, data
     free(device)
 

@@ -1,7 +1,8 @@
 """Microbenchmark of Blossom's attention primitives on one GPU: the fused block selection and the gathered
-attention (forward + backward) of each branch, per call, at the reference sizes.
+attention (forward + backward) of each branch, per call, at the reference sizes; LTIS with each of its kernels
+(``presence``, ``slots``, ``gather``; ``auto`` is what the model runs), without and with attention dropout.
 
-    python benchmarks/kernels.py --lengths 8192 --tokens 65536
+    python benchmarks/kernels.py --lengths 200 1024 8192 --tokens 65536
 """
 
 import argparse
@@ -36,10 +37,12 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--sweep", action="store_true", help="also sweep the selection kernel's tile sizes")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     args = parser.parse_args()
     H, Hkv, D = 8, 2, 16
     print(f"device: {torch.cuda.get_device_name()} | triton {parallel.triton.__version__}")
-    for L, dtype in itertools.product(args.lengths, (torch.float32, torch.bfloat16)):
+    dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[d] for d in args.dtypes]
+    for L, dtype in itertools.product(args.lengths, dtypes):
         B = max(1, args.tokens // L)
         gen = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(B, H, L, D, device="cuda", generator=gen).to(dtype)
@@ -55,10 +58,14 @@ def main():
             print(f"L={L:6d} B={B:4d} {str(dtype)[6:]:8s} select {cfg or 'default'}: {ms:.3f} ms", flush=True)
         idx = parallel.select_blocks(q, k_cmp, mem, 32, 16, 16, 4)
         dout = torch.randn_like(q)
-        ops = (("ltis", lambda *x: parallel.gathered_attention(*x, idx, 16)),
-               ("stis", lambda *x: parallel.stis_attention(*x, 8, True)),
-               ("sdpa causal (reference)", lambda q, k, v: F.scaled_dot_product_attention(
-                   q, k, v, is_causal=True, enable_gqa=True)))
+        auto = parallel.ltis_kernel(q, 16)
+        ops = [(f"ltis {kern}{' (auto)' if kern == auto else ''} p={p}",
+                lambda *x, kern=kern, p=p: parallel.gathered_attention(*x, idx, 16, None, p, p > 0, kernel=kern))
+               for kern in ("presence", "slots", "gather") for p in (0.0, 0.2)]
+        ops += [(f"stis p={p}", lambda *x, p=p: parallel.stis_attention(*x, 8, True, None, p, p > 0))
+                for p in (0.0, 0.2)]
+        ops.append(("sdpa causal (reference) p=0.0", lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True)))
         for name, op in ops:
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             fwd = bench(lambda: op(*leaves))

@@ -6,16 +6,18 @@ from torch import nn
 
 from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
 from recbole_blossom.ltis import LTIS
+from recbole_blossom.ops import gate_combine
 from recbole_blossom.rotary import RotaryEmbedding
 from recbole_blossom.stis import STIS
 
 
 class BranchGate(nn.Module):
-    """``sigmoid(Linear(x))``: one weight per head per branch. ``(B, L, hidden)`` -> two ``(B, H, L, 1)``."""
+    """``sigmoid(Linear(x))``: one weight per head per branch. ``(B, L, hidden)`` -> two ``(B, H, L, 1)``;
+    :meth:`combine` applies them (:func:`recbole_blossom.ops.gate_combine`, one kernel each way on the GPU)."""
 
-    def __init__(self, hidden_size, n_heads, bias_ltis=-2.0, bias_stis=2.0):
+    def __init__(self, hidden_size, n_heads, bias_ltis=-2.0, bias_stis=2.0, impl="auto"):
         super().__init__()
-        self.n_heads, self.bias_ltis, self.bias_stis = n_heads, bias_ltis, bias_stis
+        self.n_heads, self.bias_ltis, self.bias_stis, self.impl = n_heads, bias_ltis, bias_stis, impl
         self.proj = nn.Linear(hidden_size, 2 * n_heads)
 
     def reset_parameters(self):
@@ -26,6 +28,10 @@ class BranchGate(nn.Module):
     def forward(self, x):
         g = torch.sigmoid(self.proj(x)).transpose(1, 2).unsqueeze(-1)  # (B, 2H, L, 1)
         return g[:, : self.n_heads], g[:, self.n_heads:]
+
+    def combine(self, x, ltis, stis):
+        """``g_ltis * ltis + g_stis * stis`` of ``(B, H, L, D)`` branches, as ``(B, L, H * D)``."""
+        return gate_combine(self.proj(x), ltis, stis, impl=self.impl)
 
 
 class BlossomAttention(nn.Module):
@@ -44,14 +50,14 @@ class BlossomAttention(nn.Module):
         self.query = nn.Linear(hp.hidden_size, H * D)
         self.key = nn.Linear(hp.hidden_size, Hkv * D)
         self.value = nn.Linear(hp.hidden_size, Hkv * D)
-        self.rotary = RotaryEmbedding(D, hp.rope_base)
+        self.rotary = RotaryEmbedding(D, hp.rope_base, impl=runtime.blossom_impl)
         self.ltis = LTIS(D, Hkv, block_len=hp.cmp_block_len, stride=hp.cmp_stride, select_size=hp.slc_block_size,
                          n_select=hp.n_slc_blocks, dropout_p=hp.attn_dropout_prob, chunk_size=runtime.ltis_chunk_size,
                          impl=runtime.blossom_impl, trainable_compression=hp.ltis_trainable_compression,
                          score_pool=hp.ltis_score_pool)
         self.stis = STIS(window=hp.stis_window, sink=hp.stis_sink, dropout_p=hp.attn_dropout_prob,
                          impl=runtime.blossom_impl)
-        self.gate = BranchGate(hp.hidden_size, H, hp.gate_bias_ltis, hp.gate_bias_stis)
+        self.gate = BranchGate(hp.hidden_size, H, hp.gate_bias_ltis, hp.gate_bias_stis, impl=runtime.blossom_impl)
         self.dense = nn.Linear(H * D, hp.hidden_size)
         self.LayerNorm = nn.LayerNorm(hp.hidden_size, eps=hp.layer_norm_eps)
         self.out_dropout = nn.Dropout(hp.hidden_dropout_prob)
@@ -76,10 +82,10 @@ class BlossomAttention(nn.Module):
     def forward(self, input_tensor, item_seq_len=None):
         q, k, v = self.project(input_tensor)
         q_rot, k_rot = self.rotary(q, k)
+        v = v.contiguous()  # once for both branches (the kernels read contiguous heads; RoPE's output already is)
         q_score, k_score = (q_rot, k_rot) if self.hp.ltis_score_rope else (q, k)
         ltis = self.ltis(q_rot, k_rot, v, item_seq_len, q_score=q_score, k_score=k_score)
         stis = self.stis(q_rot, k_rot, v, item_seq_len)
-        g_ltis, g_stis = self.gate(input_tensor)
-        context = (g_ltis * ltis + g_stis * stis).transpose(1, 2).flatten(2)  # (B, L, H * D)
+        context = self.gate.combine(input_tensor, ltis, stis)  # (B, L, H * D)
         hidden_states = self.out_dropout(self.dense(context))
         return self.LayerNorm(hidden_states + input_tensor)

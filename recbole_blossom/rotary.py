@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from recbole_blossom.ops import rotary
+
 
 def rotary_cos_sin(length, dim, base=10000.0, device=None, dtype=torch.float32):
     """Angles of RoPE. Returns ``cos, sin`` of shape ``(length, dim // 2)``."""
@@ -11,18 +13,13 @@ def rotary_cos_sin(length, dim, base=10000.0, device=None, dtype=torch.float32):
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x, cos, sin):
-    """Rotate ``x`` of shape ``(..., L, D)`` by position (half-split layout); ``cos, sin``: ``(L, D // 2)``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to ``q`` ``(B, H, L, D)`` and ``k`` ``(B, Hkv, L, D)``. No parameters."""
+    """Applies RoPE to ``q`` ``(B, H, L, D)`` and ``k`` ``(B, Hkv, L, D)`` (:func:`recbole_blossom.ops.rotary`:
+    one kernel for both on the GPU, rotated tensors contiguous). No parameters."""
 
-    def __init__(self, head_dim, base=10000.0):
+    def __init__(self, head_dim, base=10000.0, impl="auto"):
         super().__init__()
+        self.impl = impl
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension (hidden_size / n_heads), got {head_dim}")
         self.head_dim = head_dim
@@ -34,4 +31,4 @@ class RotaryEmbedding(nn.Module):
         if key not in self._angles:
             self._angles[key] = rotary_cos_sin(q.shape[-2], self.head_dim, self.base, device=q.device)
         cos, sin = self._angles[key]
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return rotary(q, k, cos, sin, impl=self.impl)

@@ -14,6 +14,7 @@ from recbole_blossom.attention import BlossomAttention
 from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
 from recbole_blossom.ltis import LTIS, num_compressed_blocks
 from recbole_blossom.ops import naive, parallel, use_fast
+from recbole_blossom.rotary import rotary_cos_sin
 from recbole_blossom.stis import stis_slots
 
 gpu = pytest.mark.skipif(not parallel.available(), reason="needs CUDA and Triton")
@@ -119,15 +120,90 @@ def test_stis_fast_matches_torch(B, H, Hkv, L, lengths, dtype):
 @DTYPES
 @pytest.mark.parametrize("B,H,Hkv,L,lengths", CASES)
 @pytest.mark.parametrize("select_size,n_select", [(16, 4), (32, 2)])
-def test_ltis_attention_fast_matches_torch(B, H, Hkv, L, lengths, dtype, select_size, n_select):
+@pytest.mark.parametrize("kernel", parallel.LTIS_KERNELS)
+def test_ltis_attention_fast_matches_torch(B, H, Hkv, L, lengths, dtype, select_size, n_select, kernel):
+    """Each LTIS kernel (presence-byte tiles, slot-walking tiles, CUDA-core gathers, and the default)."""
     q, k, v, dout = random_qkv(B, H, Hkv, L, 16, dtype, seed=L + 1)
     lengths = torch.tensor(lengths, device="cuda")
     k_cmp = torch.randn(B, Hkv, num_compressed_blocks(L, 32, 16), 16, device="cuda")
     idx = naive.select_blocks(q.float(), k_cmp, torch.randn(Hkv, 16, device="cuda"), 32, 16, select_size,
                               n_select, chunk_size=256)
-    errs = compare(lambda q, k, v: parallel.gathered_attention(q, k, v, idx, select_size, lengths),
+    errs = compare(lambda q, k, v: parallel.gathered_attention(q, k, v, idx, select_size, lengths, kernel=kernel),
                    lambda q, k, v: naive.gathered_attention(q, k, v, idx, select_size, lengths), q, k, v, dout)
     assert max(errs) < TOL[dtype], errs
+
+
+def test_ltis_kernel_choice_is_validated():
+    """CPU: an unknown kernel, or slot-walking tiles with blocks that are not whole chunks, is a clear error."""
+    q = torch.zeros(1, 2, 40, 16)
+    idx = torch.zeros(1, 1, 40, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="kernel must be one of auto, presence, slots, gather; got 'fastest'"):
+        parallel.gathered_attention(q, q[:, :1], q[:, :1], idx, 16, kernel="fastest")
+    with pytest.raises(ValueError, match="kernel='slots' needs blocks of whole 16-key chunks; got block=24"):
+        parallel.gathered_attention(q, q[:, :1], q[:, :1], idx, 24, kernel="slots")
+
+
+def test_ltis_kernel_default_by_dtype_and_length():
+    """CPU: float32 keeps exact products (gather kernels); bf16/fp16 tiles walk their own slots where blocks are
+    whole chunks (from SLOT_WALK_MIN_LEN on), else scan presence bytes up to TC_MAX_LEN, then gather."""
+    def q(L, dtype=torch.bfloat16):
+        return torch.zeros(1, 1, L, 1, dtype=dtype)
+    assert parallel.ltis_kernel(q(4096, torch.float32), 16) == "gather"
+    for L in (200, 1024, parallel.TC_MAX_LEN * 4):
+        want = "slots" if L >= parallel.SLOT_WALK_MIN_LEN else "presence"
+        assert parallel.ltis_kernel(q(L), 16) == parallel.ltis_kernel(q(L, torch.float16), 32) == want
+    assert parallel.ltis_kernel(q(parallel.TC_MAX_LEN), 24) == "presence"
+    assert parallel.ltis_kernel(q(parallel.TC_MAX_LEN + 1), 24) == "gather"
+
+
+@gpu
+@DTYPES
+@pytest.mark.parametrize("L,D", [(37, 16), (200, 8), (1030, 32)])
+def test_rotary_fast_matches_torch(L, D, dtype):
+    """RoPE of q and k in one kernel: values and gradients against the PyTorch formula, from the strided
+    (B, L, heads, D) views the fused projection gives, and contiguous results."""
+    B, H, Hkv = 2, 8, 2
+    qkv = torch.randn(B, L, (H + 2 * Hkv) * D, device="cuda")
+    cos, sin = rotary_cos_sin(L, D, device="cuda")
+    w = torch.randn(B, H + Hkv, L, D, device="cuda")
+
+    def run(fn, precision):
+        x = qkv.detach().to(precision).requires_grad_()
+        q = x[..., : H * D].view(B, L, H, D).transpose(1, 2)
+        k = x[..., H * D:(H + Hkv) * D].view(B, L, Hkv, D).transpose(1, 2)
+        q_rot, k_rot = fn(q, k, cos, sin)
+        (torch.cat((q_rot, k_rot), 1).float() * w).sum().backward()
+        return [q_rot.float(), k_rot.float(), x.grad.float()], (q_rot, k_rot)
+
+    exact, _ = run(naive.rotary, torch.float32)
+    fast, (q_rot, k_rot) = run(parallel.rotary, dtype)
+    assert q_rot.dtype == k_rot.dtype == dtype and q_rot.is_contiguous() and k_rot.is_contiguous()
+    errs = [rel_err(f, r) for f, r in zip(fast, exact)]
+    assert max(errs) < (1e-6 if dtype == torch.float32 else 1e-2), errs
+
+
+@gpu
+@DTYPES
+@pytest.mark.parametrize("L,D", [(37, 16), (200, 8)])
+def test_gate_combine_fast_matches_torch(L, D, dtype):
+    """The gate in one kernel: output and the gradients of the gate logits and of both branches."""
+    B, H = 3, 8
+    gen = torch.Generator(device="cuda").manual_seed(L)
+    inputs = [torch.randn(B, L, 2 * H, device="cuda", generator=gen)] + [
+        torch.randn(B, H, L, D, device="cuda", generator=gen) for _ in range(2)]
+    w = torch.randn(B, L, H * D, device="cuda", generator=gen)
+
+    def run(fn, precision):
+        leaves = [x.detach().to(precision).requires_grad_() for x in inputs]
+        out = fn(*leaves)
+        (out.float() * w).sum().backward()
+        return [out.float()] + [x.grad.float() for x in leaves], out
+
+    exact, _ = run(naive.gate_combine, torch.float32)
+    fast, out = run(parallel.gate_combine, dtype)
+    assert out.shape == (B, L, H * D) and out.dtype == dtype
+    errs = [rel_err(f, r) for f, r in zip(fast, exact)]
+    assert max(errs) < (1e-6 if dtype == torch.float32 else 1e-2), errs
 
 
 def selected_scores(q, k_cmp, mem, idx, geometry):
@@ -168,7 +244,7 @@ def test_select_blocks_fast_matches_torch(B, H, Hkv, L, D, geometry):
 
 @gpu
 @DTYPES
-@pytest.mark.parametrize("L,blocks", [(45, {}), (200, {}), (700, {}), (77, dict(cmp_block_len=8, cmp_stride=4,
+@pytest.mark.parametrize("L,blocks", [(45, {}), (200, {}), (700, {}), (1100, {}), (77, dict(cmp_block_len=8, cmp_stride=4,
                                                                                  slc_block_size=4, n_slc_blocks=2))])
 def test_layer_fast_matches_torch(L, blocks, dtype):
     """Whole attention layer (projections, RoPE, selection, gate): outputs and every parameter gradient.
@@ -209,7 +285,8 @@ def test_fast_dropout_gradient_is_consistent():
     slots = stis_slots(150, 8, True, "cuda")
     for fn in (lambda q: parallel.gathered_attention(q, k, v, slots, 1, None, 0.3, True),
                lambda q: parallel.stis_attention(q, k, v, 8, True, None, 0.3, True),
-               lambda q: parallel.gathered_attention(q, k, v, idx, 16, None, 0.3, True)):
+               lambda q: parallel.gathered_attention(q, k, v, idx, 16, None, 0.3, True),
+               lambda q: parallel.gathered_attention(q, k, v, idx, 16, None, 0.3, True, kernel="slots")):
         torch.manual_seed(1)
         qq = q.clone().requires_grad_()
         out = fn(qq)

@@ -47,3 +47,15 @@ def stis_attention(q, k, v, window, sink, lengths=None, dropout_p=0.0, training=
     """STIS attention (recent window, power-of-two distances, sink); see :func:`recbole_blossom.ops.naive.stis_attention`."""
     fn = parallel.stis_attention if use_fast(impl, q) else naive.stis_attention
     return fn(q, k, v, window, sink, lengths, dropout_p, training, scale)
+
+
+def rotary(q, k, cos, sin, impl="auto"):
+    """RoPE of queries and keys; see :func:`recbole_blossom.ops.naive.rotary`."""
+    fn = parallel.rotary if use_fast(impl, q) else naive.rotary
+    return fn(q, k, cos, sin)
+
+
+def gate_combine(logits, ltis, stis, impl="auto"):
+    """Gated sum of the two branches; see :func:`recbole_blossom.ops.naive.gate_combine`."""
+    fn = parallel.gate_combine if use_fast(impl, ltis) else naive.gate_combine
+    return fn(logits, ltis, stis)

@@ -8,6 +8,8 @@ in :mod:`recbole_blossom.ops.parallel` are tested against). Same signatures as t
   empty slot), causally (``key <= t``). LTIS calls it with its selected blocks.
 * :func:`stis_attention` -- STIS: each query attends to fixed relative offsets (the ``window`` most recent
   positions, power-of-two distances, a sink): :func:`gathered_attention` over single-position slots.
+* :func:`rotary` -- RoPE of queries and keys (half-split layout), the layer's glue before both branches.
+* :func:`gate_combine` -- the gated sum of the two branches in the layout of the output projection.
 """
 
 import functools
@@ -229,3 +231,24 @@ def stis_attention(q, k, v, window, sink, lengths=None, dropout_p=0.0, training=
     :func:`stis_offsets` (and position 0 when ``sink``), each once. Returns ``(B, H, L, D)``, padding rows 0."""
     slots = cached_stis_slots(q.shape[2], window, bool(sink), str(q.device))
     return gathered_attention(q, k, v, slots, 1, lengths, dropout_p, training, scale)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate ``x`` of shape ``(..., L, D)`` by position (half-split layout); ``cos, sin``: ``(L, D // 2)``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def rotary(q, k, cos, sin):
+    """RoPE of ``q`` ``(B, H, L, D)`` and ``k`` ``(B, Hkv, L, D)`` with angles ``cos, sin`` ``(L, D // 2)``:
+    ``x1 cos - x2 sin, x1 sin + x2 cos`` of the halves ``x1, x2`` of each row. Returns the rotated pair."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def gate_combine(logits, ltis, stis):
+    """``sigmoid(logits)``-gated sum of the branches. ``logits`` ``(B, L, 2H)`` (LTIS gates, then STIS gates);
+    ``ltis, stis`` ``(B, H, L, D)``. Returns ``(B, L, H * D)``: ``g_ltis * ltis + g_stis * stis`` per head."""
+    H = ltis.shape[1]
+    g = torch.sigmoid(logits).transpose(1, 2).unsqueeze(-1)  # (B, 2H, L, 1)
+    return (g[:, :H] * ltis + g[:, H:] * stis).transpose(1, 2).flatten(2)

@@ -141,6 +141,17 @@ if triton is not None:
 
     # --- gathered attention on CUDA cores (float32: exact products) ------------------------------------------
     @triton.jit
+    def _online_softmax(m, den, s):
+        """One step of the online softmax over scores ``s`` (rows, keys; ``-inf`` = not attended): the new
+        running max, the factor that rescales what was accumulated, the unnormalised weights, the new
+        denominator. Rows with nothing attended yet keep max ``-inf`` and weights 0."""
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        return m_new, alpha, p, den * alpha + tl.sum(p, axis=1)
+
+    @triton.jit
     def _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr,
                    BLOCK_P2: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr):
         """Key positions ``(R, CHUNK)`` of chunk ``c`` for rows at positions ``offs_t``, and which count."""
@@ -187,7 +198,7 @@ if triton is not None:
         idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
         return b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, bh
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
     def _fwd_kernel(Q, K, V, O, LSE, IDX, LENS, L, scale, dropout_p, seed,
                     sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
                     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
@@ -206,11 +217,7 @@ if triton is not None:
             kv_mask = ok[:, :, None] & d_ok[None, None, :]
             k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
             s = tl.where(ok, tl.sum(q[:, None, :] * k, axis=2), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            den = den * alpha + tl.sum(p, axis=1)
+            m_new, alpha, p, den = _online_softmax(m, den, s)
             if DROPOUT:
                 keep = _keep_mask(seed, bh, L, offs_t, c, offs_c, N_CHUNKS * CHUNK_, CHUNK_, dropout_p)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -222,7 +229,7 @@ if triton is not None:
         tl.store(O + row, out.to(O.dtype.element_ty), mask=row_mask)
         tl.store(LSE + bh * L + offs_t, m + tl.log(den_safe), mask=t_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
     def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, LENS, L, scale, dropout_p, seed,
                        sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
                        H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
@@ -252,7 +259,7 @@ if triton is not None:
             dq += tl.sum(ds[:, :, None] * k, axis=1)
         tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
     def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, LENS, L, scale, dropout_p, seed,
                          sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
                          H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
@@ -338,15 +345,76 @@ if triton is not None:
 
     @triton.jit
     def _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB: tl.constexpr, KB: tl.constexpr,
-                    BITMAP: tl.constexpr):
-        """How many steps this tile's chunk loop takes and where its row of ``CH`` starts. BITMAP: ``CH`` holds a
-        presence byte per chunk, scanned up to the chunk of the tile's last query; else a list of chunk ids,
-        ``CNT`` long."""
-        if BITMAP:
+                    WALK: tl.constexpr):
+        """How many steps this tile's chunk loop takes and where its row of ``CH`` starts (WALK 0: ``CH`` is a
+        list of chunk ids, ``CNT`` long; 1: a presence byte per chunk, scanned up to the chunk of the tile's last
+        query). WALK 2 does not use it."""
+        if WALK == 1:
             n = tl.minimum(tl.program_id(0) * QB + QB - 1, L - 1) // KB + 1
         else:
             n = tl.load(CNT + b * snb + hkv * snh + tl.program_id(0))
         return n, CH + b * scb + hkv * sch + tl.program_id(0) * sct
+
+    @triton.jit
+    def _slot_block(IDX, b, hkv, sib, sih, sil, L, u, row_idx, QB: tl.constexpr, G_P2: tl.constexpr,
+                    S: tl.constexpr, S_P2: tl.constexpr):
+        """WALK 2: the block in slot ``u`` of the tile's ``QB x S`` selected slots, or -1 when the slot is empty
+        or an earlier slot of the tile already named the block (so each block is visited once, unsorted)."""
+        qi = u // S
+        t_u = tl.program_id(0) * QB + qi
+        j = tl.load(IDX + b * sib + hkv * sih + t_u * sil + (u - qi * S), mask=t_u < L, other=-1)
+        r = tl.arange(0, QB * G_P2)
+        earlier = ((r // G_P2) * S)[:, None] + tl.arange(0, S_P2)[None, :] < u
+        dup = tl.max(((row_idx == j) & earlier).to(tl.int32))
+        return tl.where(dup > 0, -1, j)
+
+    @triton.jit
+    def _fwd_chunk(q, K, V, kv_base, c, t, row_ok, row_idx, bh, offs_d, d_ok, L, scale, dropout_p, seed,
+                   m, den, acc, skl, PATTERN: tl.constexpr, BLOCK: tl.constexpr, UNIFORM: tl.constexpr,
+                   WINDOW: tl.constexpr, SINK: tl.constexpr, KB: tl.constexpr, DROPOUT: tl.constexpr,
+                   PRECISION: tl.constexpr):
+        """One online-softmax step of the tile over key chunk ``c``."""
+        s = c * KB + tl.arange(0, KB)
+        kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
+        kv_mask = (s < L)[:, None] & d_ok[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
+        m_new, alpha, p, den = _online_softmax(m, den, tl.where(ok, sc, float("-inf")))
+        if DROPOUT:
+            p = tl.where(_tc_keep(seed, bh, t, s, L, dropout_p), p / (1.0 - dropout_p), 0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, den, acc
+
+    @triton.jit
+    def _bwd_chunk(q, do, lse, delta, K, V, DK, DV, kv_base, out_base, c, t, row_ok, row_idx, bh, offs_d, d_ok,
+                   L, scale, dropout_p, seed, dq, skl, D: tl.constexpr, PATTERN: tl.constexpr,
+                   BLOCK: tl.constexpr, UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr,
+                   KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+        """The tile's backward over key chunk ``c``: returns dq; adds dk, dv of the chunk (atomics)."""
+        s = c * KB + tl.arange(0, KB)
+        kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
+        kv_mask = (s < L)[:, None] & d_ok[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
+        p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        pd = p
+        if DROPOUT:
+            keep = _tc_keep(seed, bh, t, s, L, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+        dv = tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
+        out_off = out_base + s[:, None] * D + offs_d[None, :]
+        tl.atomic_add(DK + out_off, dk, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(DV + out_off, dv, mask=kv_mask, sem="relaxed")
+        return dq
 
     @triton.jit
     def _presence_kernel(IDX, PRES, L, sib, sih, sil, spb, sph, spt, HP: tl.constexpr, S: tl.constexpr,
@@ -367,62 +435,61 @@ if triton is not None:
             seen = (j >= 0) & (c <= last) & (lo <= pos[:, None])
             tl.store(row + c, tl.full([QB, S_P2], 1, tl.uint8), mask=seen)
 
-    @triton.jit
+    # Three ways a tile finds its chunks (WALK): 0, a list of chunk ids (STIS, the same for every row);
+    # 1, presence bytes scanned up to the tile's last query (LTIS, any block size); 2, the tile's own selected
+    # slots read straight from IDX, each distinct block once (LTIS with blocks of whole chunks: nothing to build
+    # or scan, so tiles can be small and visit only what their few queries chose).
+
+    @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
     def _tc_fwd_kernel(Q, K, V, O, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
                     sqb, sqh, sql, skb, skh, skl, sib, sih, sil, scb, sch, sct, snb, snh,
                     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
                     UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, QB: tl.constexpr,
-                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BITMAP: tl.constexpr):
+                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WALK: tl.constexpr):
         b, hkv, t, row_ok, offs_d, d_ok, row, row_mask, bh = _tile_rows(Q, L, sqb, sqh, sql, QB, HKV, G, G_P2, D,
                                                                         D_P2)
         q = tl.load(Q + row, mask=row_mask, other=0.0)
         offs_s = tl.arange(0, S_P2)
         row_idx = tl.load(IDX + b * sib + hkv * sih + t[:, None] * sil + offs_s[None, :],
                           mask=row_ok[:, None] & (offs_s < S)[None, :], other=-1)
-        n, ch = _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB, KB, BITMAP)
         kv_base = b * skb + hkv * skh
-        offs_k = tl.arange(0, KB)
         m = tl.full([QB * G_P2], float("-inf"), tl.float32)
         den = tl.zeros([QB * G_P2], tl.float32)
         acc = tl.zeros([QB * G_P2, D_P2], tl.float32)
-        for u in range(0, n):
-            if BITMAP:  # chunk u is visited when the tile's presence byte says so
-                c = u
-                go = tl.load(ch + u) != 0
-            else:  # the u-th chunk of the tile's list
-                c = tl.load(ch + u)
-                go = True  # every listed chunk is visited: no branch in the compiled loop
-            if go:
-                s = c * KB + offs_k
-                kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
-                kv_mask = (s < L)[:, None] & d_ok[None, :]
-                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-                sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
-                sc = tl.where(ok, sc, float("-inf"))
-                m_new = tl.maximum(m, tl.max(sc, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m - m_safe)
-                p = tl.exp(sc - m_safe[:, None])
-                den = den * alpha + tl.sum(p, axis=1)
-                if DROPOUT:
-                    p = tl.where(_tc_keep(seed, bh, t, s, L, dropout_p), p / (1.0 - dropout_p), 0.0)
-                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-                m = m_new
+        if WALK == 2:
+            for u in range(0, QB * S):
+                j = _slot_block(IDX, b, hkv, sib, sih, sil, L, u, row_idx, QB, G_P2, S, S_P2)
+                if j >= 0:
+                    for r in tl.static_range(BLOCK // KB):
+                        m, den, acc = _fwd_chunk(q, K, V, kv_base, j * (BLOCK // KB) + r, t, row_ok, row_idx, bh,
+                                                 offs_d, d_ok, L, scale, dropout_p, seed, m, den, acc, skl, PATTERN,
+                                                 BLOCK, UNIFORM, WINDOW, SINK, KB, DROPOUT, PRECISION)
+        else:
+            n, ch = _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB, KB, WALK)
+            for u in range(0, n):
+                if WALK == 1:  # chunk u is visited when the tile's presence byte says so
+                    c = u
+                    go = tl.load(ch + u) != 0
+                else:  # the u-th chunk of the tile's list
+                    c = tl.load(ch + u)
+                    go = True  # every listed chunk is visited: no branch in the compiled loop
+                if go:
+                    m, den, acc = _fwd_chunk(q, K, V, kv_base, c, t, row_ok, row_idx, bh, offs_d, d_ok, L, scale,
+                                             dropout_p, seed, m, den, acc, skl, PATTERN, BLOCK, UNIFORM, WINDOW,
+                                             SINK, KB, DROPOUT, PRECISION)
         den_safe = tl.where(den > 0.0, den, 1.0)
         out = tl.where((t < tl.load(LENS + b))[:, None], acc / den_safe[:, None], 0.0)  # padding rows: 0
         tl.store(O + row, out.to(O.dtype.element_ty), mask=row_mask)
         tl.store(LSE + bh * L + t, m + tl.log(den_safe), mask=row_ok)
 
-    @triton.jit
-    def _tc_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
+    @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
+    def _tc_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
                     sqb, sqh, sql, skb, skh, skl, sib, sih, sil, scb, sch, sct, snb, snh,
                     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
                     UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, QB: tl.constexpr,
-                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BITMAP: tl.constexpr):
+                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WALK: tl.constexpr):
         """dq of the tile's rows; dk, dv of each visited chunk summed over the tile's rows in one tl.dot,
         then added into float32 buffers with atomics (other tiles visit the same chunk)."""
         b, hkv, t, row_ok, offs_d, d_ok, row, row_mask, bh = _tile_rows(Q, L, sqb, sqh, sql, QB, HKV, G, G_P2, D,
@@ -430,67 +497,124 @@ if triton is not None:
         q = tl.load(Q + row, mask=row_mask, other=0.0)
         do = tl.load(DO + row, mask=row_mask & (t < tl.load(LENS + b))[:, None], other=0.0)  # padding: no grad
         lse = tl.load(LSE + bh * L + t, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * L + t, mask=row_ok, other=0.0)
+        # delta = rowsum(dO * O) here rather than in PyTorch: no extra launches (O is 0 on padding rows)
+        delta = tl.sum(do.to(tl.float32) * tl.load(O + row, mask=row_mask, other=0.0).to(tl.float32), axis=1)
         offs_s = tl.arange(0, S_P2)
         row_idx = tl.load(IDX + b * sib + hkv * sih + t[:, None] * sil + offs_s[None, :],
                           mask=row_ok[:, None] & (offs_s < S)[None, :], other=-1)
-        n, ch = _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB, KB, BITMAP)
         kv_base = b * skb + hkv * skh
         out_base = tl.program_id(1).to(tl.int64) * L * D
-        offs_k = tl.arange(0, KB)
         dq = tl.zeros([QB * G_P2, D_P2], tl.float32)
-        for u in range(0, n):
-            if BITMAP:
-                c = u
-                go = tl.load(ch + u) != 0
-            else:
-                c = tl.load(ch + u)
-                go = True  # every listed chunk is visited: no branch in the compiled loop
-            if go:
-                s = c * KB + offs_k
-                kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
-                kv_mask = (s < L)[:, None] & d_ok[None, :]
-                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-                sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
-                p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                pd = p
-                if DROPOUT:
-                    keep = _tc_keep(seed, bh, t, s, L, dropout_p)
-                    dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-                    pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-                dv = tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
-                out_off = out_base + s[:, None] * D + offs_d[None, :]
-                tl.atomic_add(DK + out_off, dk, mask=kv_mask, sem="relaxed")
-                tl.atomic_add(DV + out_off, dv, mask=kv_mask, sem="relaxed")
+        if WALK == 2:
+            for u in range(0, QB * S):
+                j = _slot_block(IDX, b, hkv, sib, sih, sil, L, u, row_idx, QB, G_P2, S, S_P2)
+                if j >= 0:
+                    for r in tl.static_range(BLOCK // KB):
+                        dq = _bwd_chunk(q, do, lse, delta, K, V, DK, DV, kv_base, out_base, j * (BLOCK // KB) + r,
+                                        t, row_ok, row_idx, bh, offs_d, d_ok, L, scale, dropout_p, seed, dq, skl, D,
+                                        PATTERN, BLOCK, UNIFORM, WINDOW, SINK, KB, DROPOUT, PRECISION)
+        else:
+            n, ch = _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB, KB, WALK)
+            for u in range(0, n):
+                if WALK == 1:
+                    c = u
+                    go = tl.load(ch + u) != 0
+                else:
+                    c = tl.load(ch + u)
+                    go = True  # every listed chunk is visited: no branch in the compiled loop
+                if go:
+                    dq = _bwd_chunk(q, do, lse, delta, K, V, DK, DV, kv_base, out_base, c, t, row_ok, row_idx, bh,
+                                    offs_d, d_ok, L, scale, dropout_p, seed, dq, skl, D, PATTERN, BLOCK, UNIFORM,
+                                    WINDOW, SINK, KB, DROPOUT, PRECISION)
         tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+    # --- RoPE of q and k in one launch --------------------------------------------------------------------
+    @triton.jit
+    def _rope_rows(X, COS, SIN, b, h, L, sxb, sxh, sxl, sign, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+                   BL: tl.constexpr):
+        """``BL`` positions of one (batch, head) of ``X`` (any strides, last 1) rotated, in float32:
+        ``y1 = x1 cos - sign x2 sin, y2 = sign x1 sin + x2 cos`` (sign -1: the inverse rotation)."""
+        t = tl.program_id(0) * BL + tl.arange(0, BL)
+        d = tl.arange(0, HALF_P2)
+        mask = (t < L)[:, None] & (d < HALF)[None, :]
+        src = X + b * sxb + h * sxh + t[:, None] * sxl + d[None, :]
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        ang = t[:, None] * HALF + d[None, :]
+        cos = tl.load(COS + ang, mask=mask, other=0.0)
+        sin = tl.load(SIN + ang, mask=mask, other=0.0) * sign
+        return x1 * cos - x2 * sin, x1 * sin + x2 * cos, mask, t
+
+    @triton.jit
+    def _rope_kernel(Q, K, QO, KO, COS, SIN, L, sqb, sqh, sql, skb, skh, skl, sign, H: tl.constexpr,
+                     HKV: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, BL: tl.constexpr):
+        """Program ``(position tile, batch x (H + HKV) heads)``: heads ``< H`` rotate q, the others k."""
+        b, h = (tl.program_id(1) // (H + HKV)).to(tl.int64), tl.program_id(1) % (H + HKV)
+        if h < H:
+            y1, y2, mask, t = _rope_rows(Q, COS, SIN, b, h, L, sqb, sqh, sql, sign, HALF, HALF_P2, BL)
+            dst = QO + (b * H + h) * L * (2 * HALF) + t[:, None] * (2 * HALF) + tl.arange(0, HALF_P2)[None, :]
+            tl.store(dst, y1.to(QO.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF, y2.to(QO.dtype.element_ty), mask=mask)
+        else:
+            y1, y2, mask, t = _rope_rows(K, COS, SIN, b, h - H, L, skb, skh, skl, sign, HALF, HALF_P2, BL)
+            dst = KO + (b * HKV + h - H) * L * (2 * HALF) + t[:, None] * (2 * HALF) + tl.arange(0, HALF_P2)[None, :]
+            tl.store(dst, y1.to(KO.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF, y2.to(KO.dtype.element_ty), mask=mask)
+
+    # --- the gate: sigmoid, gated sum of the branches, output layout, in one launch each way ----------------
+    @triton.jit
+    def _gate_kernel(LOG, A, BR, OUT, DOUT, DA, DB, DLOG, L, slb, sll, sob, sol, BACKWARD: tl.constexpr,
+                     H: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BL: tl.constexpr):
+        """Program ``(position tile, batch x head)``. Forward: ``OUT[b, t, h*D:] = g_a A[b, h, t] + g_b BR[b, h, t]``
+        with ``g = sigmoid(LOG[b, t, h]), sigmoid(LOG[b, t, H + h])``. Backward: ``DA, DB`` and ``DLOG`` from
+        ``DOUT`` (strides ``sob, sol`` as ``OUT``'s)."""
+        b, h = (tl.program_id(1) // H).to(tl.int64), tl.program_id(1) % H
+        t = tl.program_id(0) * BL + tl.arange(0, BL)
+        d = tl.arange(0, D_P2)
+        t_ok = t < L
+        mask = t_ok[:, None] & (d < D)[None, :]
+        g_a = tl.sigmoid(tl.load(LOG + b * slb + t * sll + h, mask=t_ok, other=0.0).to(tl.float32))
+        g_b = tl.sigmoid(tl.load(LOG + b * slb + t * sll + H + h, mask=t_ok, other=0.0).to(tl.float32))
+        branch = (b * H + h) * L * D + t[:, None] * D + d[None, :]  # contiguous (B, H, L, D)
+        out = b * sob + t[:, None] * sol + h * D + d[None, :]
+        a = tl.load(A + branch, mask=mask, other=0.0).to(tl.float32)
+        br = tl.load(BR + branch, mask=mask, other=0.0).to(tl.float32)
+        if BACKWARD:
+            dout = tl.load(DOUT + out, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DA + branch, (g_a[:, None] * dout).to(DA.dtype.element_ty), mask=mask)
+            tl.store(DB + branch, (g_b[:, None] * dout).to(DB.dtype.element_ty), mask=mask)
+            dlog = DLOG + b * L * 2 * H + t * 2 * H + h  # contiguous (B, L, 2H) float32
+            tl.store(dlog, tl.sum(dout * a, axis=1) * g_a * (1.0 - g_a), mask=t_ok)
+            tl.store(dlog + H, tl.sum(dout * br, axis=1) * g_b * (1.0 - g_b), mask=t_ok)
+        else:
+            tl.store(OUT + out, (g_a[:, None] * a + g_b[:, None] * br).to(OUT.dtype.element_ty), mask=mask)
 
 
 QB = 16  # query positions per tile of the attention kernels (x the kv group's heads = the tile's rows)
 KB = 16  # keys per chunk
-# Longest L given to the tensor-core kernels in gathered_attention (LTIS). A tile's union of selected chunks
-# grows with L (mean 6.9 chunks at L = 200, 45.9 at 8192 for random inputs, of 5 blocks a query): per call at
-# L = 8192 both families cost the same (2.3 ms forward + backward, bf16, H100), and at L = 32,768 the whole
-# training step was 25.0 ms with the tensor-core kernels against 21.5 ms with the gather kernels
-# (benchmarks/NOTES.md). STIS visits about log2(L) chunks a tile at any L and always uses tensor cores.
+# LTIS kernels (bf16/fp16; benchmarks/NOTES.md has the measurements):
+# * blocks of whole chunks (the reference sizes): tiles of 16 rows (16 / G positions x the G heads of a kv head)
+#   that read their own selected slots (WALK 2). A 64-row tile's union of choices was 45.9 chunks at L = 8192
+#   for 5 blocks a query, most of its work masked out; a 16-row tile visits at most QB * S blocks, builds
+#   nothing, and per call was as fast or faster at every L measured (200 to 32,768).
+# * other block sizes: 16-position tiles scanning presence bytes (WALK 1) up to TC_MAX_LEN, beyond it the
+#   CUDA-core gather kernels (the presence scan grows with L).
+SLOT_WALK_MIN_LEN = 0
 TC_MAX_LEN = 8192
 
 
 def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None,
-                  *, bt=64, bc=32, precision="tf32", num_warps=4):
+                  *, bt=64, bc=32, precision=None, num_warps=4):
     """Fused twin of :func:`recbole_blossom.ops.naive.select_blocks` (``chunk_size`` is not needed here:
     nothing ``L x Nc`` is stored). Slots come in no particular order. ``bt, bc, precision, num_warps`` tune
-    the kernel (``benchmarks/kernels.py``)."""
+    the kernel (``benchmarks/kernels.py``); ``precision`` defaults to exact products for float32 ``q`` (the
+    choice then matches the PyTorch path's up to summation order) and TF32 for bf16/fp16 ``q``."""
     B, H, L, D = q.shape
+    precision = precision or ("ieee" if q.dtype == torch.float32 else "tf32")
     Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    q, k_cmp = q.detach().float().contiguous(), k_cmp.detach().float().contiguous()
-    mem_key = mem_key.detach().float().contiguous()
+    # the kernel converts on load: no float32 copies of q and k_cmp
+    q, k_cmp, mem_key = q.detach().contiguous(), k_cmp.detach().contiguous(), mem_key.detach().contiguous()
     idx = torch.empty(B, Hkv, L, n_select + 1, dtype=torch.int32, device=q.device)
     _select_kernel[(triton.cdiv(L, bt), B * Hkv)](
         q, k_cmp, mem_key, idx, L, n_cmp, scale, *q.stride()[:3], *k_cmp.stride()[:3], *idx.stride()[:3],
@@ -615,52 +739,54 @@ class _BlockAttention(torch.autograd.Function):
     """Forward and backward of :func:`gathered_attention` / :func:`stis_attention` on tensor cores."""
 
     @staticmethod
-    def forward(ctx, q, k, v, idx, chunks, counts, lengths, pattern, scale, dropout_p):
+    def forward(ctx, q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, L, D = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         seed = int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0.0 else 0
-        _tc_fwd_kernel[_grid(q, k)](q, k, v, out, lse, idx, chunks, counts, lengths, L, scale, dropout_p, seed,
-                                 *_strides(q, k, idx, chunks, counts), **_meta(q, k, idx, pattern, dropout_p))
+        _tc_fwd_kernel[_grid(q, k, plan)](q, k, v, out, lse, idx, chunks, counts, lengths, L, scale, dropout_p,
+                                          seed, *_strides(q, k, idx, chunks, counts), **_meta(q, k, idx, plan,
+                                                                                            dropout_p))
         ctx.save_for_backward(q, k, v, out, lse, idx, chunks, counts, lengths)
-        ctx.pattern, ctx.scale, ctx.dropout_p, ctx.seed = pattern, scale, dropout_p, seed
+        ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed = plan, scale, dropout_p, seed
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, idx, chunks, counts, lengths = ctx.saved_tensors
         dout = dout.contiguous()
-        delta = (dout.float() * out.float()).sum(-1)  # (B, H, L); 0 on padding rows (out is 0 there)
         dq = torch.empty_like(q)
-        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        dv = torch.zeros_like(dk)
-        _tc_bwd_kernel[_grid(q, k)](q, k, v, dout, dq, dk, dv, lse, delta, idx, chunks, counts, lengths, q.shape[2],
-                                 ctx.scale, ctx.dropout_p, ctx.seed, *_strides(q, k, idx, chunks, counts),
-                                 **_meta(q, k, idx, ctx.pattern, ctx.dropout_p))
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+        dkv = torch.zeros(2, *k.shape, device=k.device, dtype=torch.float32)  # one fill and one cast for both
+        _tc_bwd_kernel[_grid(q, k, ctx.plan)](q, k, v, out, dout, dq, dkv[0], dkv[1], lse, idx, chunks, counts,
+                                              lengths, q.shape[2], ctx.scale, ctx.dropout_p, ctx.seed,
+                                              *_strides(q, k, idx, chunks, counts),
+                                              **_meta(q, k, idx, ctx.plan, ctx.dropout_p))
+        dk, dv = dkv.to(k.dtype).unbind(0)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _grid(q, k):
-    return (triton.cdiv(q.shape[2], QB), q.shape[0] * k.shape[1])
+def _grid(q, k, plan):
+    return (triton.cdiv(q.shape[2], plan["qb"]), q.shape[0] * k.shape[1])
 
 
 def _strides(q, k, idx, chunks, counts):
     return (*q.stride()[:3], *k.stride()[:3], *idx.stride()[:3], *chunks.stride()[:3], *counts.stride()[:2])
 
 
-def _meta(q, k, idx, pattern, dropout_p):
-    """Compile-time arguments; ``pattern`` is ``("slots", block)`` or ``("stis", window, sink)``."""
+def _meta(q, k, idx, plan, dropout_p):
+    """Compile-time arguments. ``plan``: ``pattern`` ``"slots"`` (LTIS, with ``block``) or ``"stis"`` (with
+    ``window, sink``), ``walk`` (how a tile finds its chunks) and ``qb`` (positions per tile)."""
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     S = idx.shape[-1]
-    stis = pattern[0] == "stis"
-    block = 1 if stis else pattern[1]
+    stis = plan["pattern"] == "stis"
+    block = 1 if stis else plan["block"]
     return dict(HKV=Hkv, G=H // Hkv, G_P2=triton.next_power_of_2(H // Hkv), D=D,
                 D_P2=max(16, triton.next_power_of_2(D)), S=S, S_P2=triton.next_power_of_2(S),
                 PATTERN=1 if stis else 0, BLOCK=block, UNIFORM=block % KB == 0,
-                WINDOW=pattern[1] if stis else 0, SINK=bool(pattern[2]) if stis else False, QB=QB, KB=KB,
-                DROPOUT=dropout_p > 0.0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BITMAP=not stis, num_warps=4)
+                WINDOW=plan["window"] if stis else 0, SINK=bool(plan["sink"]) if stis else False, QB=plan["qb"],
+                KB=KB, DROPOUT=dropout_p > 0.0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                WALK=plan["walk"], num_warps=4 if plan["qb"] * triton.next_power_of_2(H // Hkv) > 16 else 2)
 
 
 def _prepare(q, lengths, dropout_p, training, scale):
@@ -671,20 +797,46 @@ def _prepare(q, lengths, dropout_p, training, scale):
     return lengths.to(torch.int32), scale, p
 
 
-def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, training=False, scale=None):
+LTIS_KERNELS = ("auto", "presence", "slots", "gather")
+
+
+def ltis_kernel(q, block):
+    """Which kernels :func:`gathered_attention` runs by default for ``q`` and blocks of ``block`` keys (see
+    ``SLOT_WALK_MIN_LEN``): ``gather`` in float32 (exact products), else ``slots`` or ``presence``."""
+    L = q.shape[2]
+    if q.dtype == torch.float32:
+        return "gather"
+    if block % KB == 0 and L >= SLOT_WALK_MIN_LEN:
+        return "slots"
+    return "presence" if L <= TC_MAX_LEN else "gather"
+
+
+def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, training=False, scale=None, *,
+                       kernel="auto"):
     """Triton twin of :func:`recbole_blossom.ops.naive.gathered_attention` (same arguments and result;
-    ``idx`` int32, its first two dims may be broadcast with stride 0). bfloat16/float16: the tensor-core
-    kernels over each tile's union of key chunks (up to ``TC_MAX_LEN``); float32, or longer sequences: the
-    CUDA-core kernels over each query's own gathered keys (exact products in float32)."""
+    ``idx`` int32, its first two dims may be broadcast with stride 0). ``kernel`` (default :func:`ltis_kernel`):
+    ``presence`` / ``slots``, tensor cores over each tile's chunks (WALK 1 / 2 of the kernels); ``gather``, the
+    CUDA-core kernels over each query's own gathered keys."""
+    if kernel not in LTIS_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(LTIS_KERNELS)}; got {kernel!r}")
     lengths, scale, p = _prepare(q, lengths, dropout_p, training, scale)
     idx = idx.to(torch.int32)
+    kernel = ltis_kernel(q, block) if kernel == "auto" else kernel
+    if kernel == "slots" and block % KB:
+        raise ValueError(f"kernel='slots' needs blocks of whole {KB}-key chunks; got block={block}")
     expand = (q.shape[0], k.shape[1])
-    if q.dtype == torch.float32 or q.shape[2] > TC_MAX_LEN:
+    if kernel == "gather":
         return _GatheredAttention.apply(q, k, v, idx.expand(*expand, *idx.shape[2:]), lengths, block, scale, p)
-    presence = tile_presence(idx, block, q.shape[2])
-    counts = presence.new_zeros(1, 1, 1, dtype=torch.int32)  # unused: the kernels scan the presence bytes
-    idx, presence, counts = (x.expand(*expand, *x.shape[2:]) for x in (idx, presence, counts))
-    return _BlockAttention.apply(q, k, v, idx, presence, counts, lengths, ("slots", block), scale, p)
+    plan = dict(pattern="slots", block=block)
+    if kernel == "slots":
+        chunks = idx.new_zeros(1, 1, 1, 1)  # unused: each tile reads its own slots
+        plan.update(walk=2, qb=max(1, 16 // triton.next_power_of_2(q.shape[1] // k.shape[1])))
+    else:
+        chunks = tile_presence(idx, block, q.shape[2])
+        plan.update(walk=1, qb=QB)
+    counts = chunks.new_zeros(1, 1, 1, dtype=torch.int32)  # unused: only list walks (STIS) read counts
+    idx, chunks, counts = (x.expand(*expand, *x.shape[2:]) for x in (idx, chunks, counts))
+    return _BlockAttention.apply(q, k, v, idx, chunks, counts, lengths, plan, scale, p)
 
 
 _STIS_CHUNKS = {}  # (L, window, sink, device) -> tile chunks: the pattern depends on L only
@@ -705,4 +857,79 @@ def stis_attention(q, k, v, window, sink, lengths=None, dropout_p=0.0, training=
     expand = (q.shape[0], k.shape[1])
     chunks, counts = chunks.expand(*expand, *chunks.shape[2:]), counts.expand(*expand, counts.shape[-1])
     dummy = torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device).expand(*expand, q.shape[2], 1)
-    return _BlockAttention.apply(q, k, v, dummy, chunks, counts, lengths, ("stis", window, sink), scale, p)
+    plan = dict(pattern="stis", window=window, sink=sink, walk=0, qb=QB)
+    return _BlockAttention.apply(q, k, v, dummy, chunks, counts, lengths, plan, scale, p)
+
+
+def _rope(q, k, cos, sin, sign):
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        q, k = q.contiguous(), k.contiguous()
+    q_out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
+    k_out = torch.empty(B, Hkv, L, D, device=k.device, dtype=k.dtype)
+    bl = 64
+    _rope_kernel[(triton.cdiv(L, bl), B * (H + Hkv))](q, k, q_out, k_out, cos, sin, L, *q.stride()[:3],
+                                                       *k.stride()[:3], sign, H=H, HKV=Hkv, HALF=D // 2,
+                                                       HALF_P2=triton.next_power_of_2(D // 2), BL=bl, num_warps=2)
+    return q_out, k_out
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE forward; its backward is the inverse rotation of the incoming gradients (same kernel, sign -1)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope(q, k, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq_in, dk_in = _rope(dq, dk, cos, sin, -1.0)
+        return dq_in, dk_in, None, None
+
+
+def rotary(q, k, cos, sin):
+    """Triton twin of :func:`recbole_blossom.ops.naive.rotary`: one launch for q and k (any strides in,
+    contiguous out), products in float32 (the PyTorch path multiplies in the input dtype)."""
+    return _Rotary.apply(q, k, cos.float().contiguous(), sin.float().contiguous())
+
+
+def _gate_launch(logits, a, br, out, dout, da, db, dlog, backward):
+    B, H, L, D = a.shape
+    bl = 64
+    _gate_kernel[(triton.cdiv(L, bl), B * H)](logits, a, br, out, dout, da, db, dlog, L, logits.stride(0),
+                                              logits.stride(1), out.stride(0), out.stride(1), BACKWARD=backward,
+                                              H=H, D=D, D_P2=triton.next_power_of_2(D), BL=bl, num_warps=2)
+
+
+class _GateCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, a, br):
+        B, H, L, D = a.shape
+        logits, a, br = _last_dim_dense(logits), a.contiguous(), br.contiguous()
+        out = torch.empty(B, L, H * D, device=a.device, dtype=a.dtype)
+        _gate_launch(logits, a, br, out, out, a, br, logits, backward=False)
+        ctx.save_for_backward(logits, a, br)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        logits, a, br = ctx.saved_tensors
+        dout = _last_dim_dense(dout)
+        da, db = torch.empty_like(a), torch.empty_like(br)
+        dlog = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
+        _gate_launch(logits, a, br, dout, dout, da, db, dlog, backward=True)
+        return dlog.to(logits.dtype), da, db
+
+
+def _last_dim_dense(x):
+    """``x`` with unit stride in its last dim (what the kernels index with ``+ d``)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def gate_combine(logits, ltis, stis):
+    """Triton twin of :func:`recbole_blossom.ops.naive.gate_combine`: one launch forward and one backward (the
+    PyTorch path takes about five and ten), gates and products in float32."""
+    return _GateCombine.apply(logits, ltis, stis)
