@@ -122,6 +122,12 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
 
 def causal_attention(q, k, v, lengths=None, dropout_p=0.0, training=False, scale=None):
     """Plain causal attention (fused), kv heads shared by groups of query heads; rows ``>= lengths`` zero."""
+    G = q.shape[1] // k.shape[1]
+    if G > 1 and q.dtype not in (torch.float16, torch.bfloat16):
+        # SDPA's grouped kv heads (enable_gqa) have a fused kernel only in flash attention (half precision); in
+        # float32 they fall back to the math kernel, which stores L x L weights (pytorch/pytorch#181528; 1.44x
+        # SASRec-SDPA's memory at L = 50 in fp32, docs/efficiency.md). Copies of k, v keep a fused kernel.
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=True,
                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return zero_padding_rows(out, lengths)
