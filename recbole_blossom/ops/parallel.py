@@ -1,4 +1,4 @@
-"""Triton kernels of Blossom's two attention primitives, with the signatures of
+"""Triton kernels of Blossom's primitives, with the signatures of
 :mod:`recbole_blossom.ops.naive` (tested against it).
 
 * :func:`select_blocks`: one fused kernel per ``(query tile, batch x kv head)``. Pass 1 runs an online
@@ -6,22 +6,27 @@
   only the max and the denominator); pass 2 walks the candidate selection blocks, recomputes the
   probabilities of the compressed blocks that overlap each one, averages them over the heads and over the
   visible overlapping blocks, and keeps a running top-``n`` per query. The ``L x L / stride`` scores never
-  reach memory. Scores use exact float32 products (``input_precision=PRECISION``) so the choice matches the
-  PyTorch path except on exact near-ties.
+  reach memory. For float32 inputs the scores use exact float32 products, so the choice matches the PyTorch
+  path except on exact near-ties; for bf16/fp16 inputs TF32.
 * :func:`gathered_attention` and :func:`stis_attention`, two kernel families:
 
-  - bfloat16 / float16 (what people train in): tensor cores. A program owns 16 consecutive query positions x
-    the ``G`` query heads of one kv head (64 rows at the reference sizes: tall enough for ``tl.dot``) and
-    walks a list of 16-key chunks, the union of what its queries may see (:func:`tile_chunks`; for STIS a
-    fixed list per L). A per-row mask keeps each query to its own keys: membership of the chunk's block in
-    the row's selected blocks (LTIS), or the STIS offsets computed in the kernel. Backward: one kernel, dq per
-    tile, dk/dv of each visited chunk in one ``tl.dot`` and float32 atomics.
+  - bfloat16 / float16 (what people train in): tensor cores. A program owns a tile of query positions x the
+    ``G`` query heads of one kv head, tall enough for ``tl.dot``, and visits 16-key chunks with a per-row mask
+    that keeps each query to its own keys (membership of the chunk's block in the row's selected blocks for
+    LTIS, the STIS offsets computed in the kernel). How a tile finds its chunks (``WALK``): LTIS with blocks of
+    whole chunks reads its rows' selected slots straight from ``idx`` (16 rows = 4 positions x 4 heads; each
+    distinct block once, nothing built); other LTIS block sizes scan presence bytes of 16-position tiles
+    (:func:`tile_presence`); STIS walks a fixed chunk list per L. Backward: one kernel, dq per tile, dk/dv of
+    each visited chunk in one ``tl.dot`` and float32 atomics, ``delta = rowsum(dO * O)`` computed in place.
   - float32: CUDA cores with exact products. A program owns (position, head) rows of one kv head and gathers
     each query's own keys, so each gathered key and value is read once for the ``G`` heads that share it;
     ``dq`` per row, ``dk, dv`` summed over the heads, then float32 atomics. (In float32 the tensor-core
-    family, which computes a tile's whole union of chunks, was 2-9x slower at L >= 1024: NOTES.md.)
+    family was 2-9x slower at L >= 1024: NOTES.md.)
 
-  Attention dropout uses Philox random numbers that the backward regenerates from the same seed.
+  Attention dropout uses Philox random numbers that the backward regenerates from the same seed (the seed is
+  not a specialised kernel argument, so a new seed never compiles a new kernel).
+* :func:`rotary` and :func:`gate_combine`: the layer's glue around the branches (RoPE of q and k; sigmoid
+  gates, gated sum and the output projection's layout), one launch forward and one backward each.
 """
 
 import math
