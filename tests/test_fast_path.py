@@ -120,9 +120,10 @@ def test_stis_fast_matches_torch(B, H, Hkv, L, lengths, dtype):
 @DTYPES
 @pytest.mark.parametrize("B,H,Hkv,L,lengths", CASES)
 @pytest.mark.parametrize("select_size,n_select", [(16, 4), (32, 2)])
-@pytest.mark.parametrize("kernel", parallel.LTIS_KERNELS)
+@pytest.mark.parametrize("kernel", [k for k in parallel.LTIS_KERNELS if k != "auto"])
 def test_ltis_attention_fast_matches_torch(B, H, Hkv, L, lengths, dtype, select_size, n_select, kernel):
-    """Each LTIS kernel (presence-byte tiles, slot-walking tiles, CUDA-core gathers, and the default)."""
+    """Each LTIS kernel (presence-byte tiles, slot-walking tiles, CUDA-core gathers); the default one runs in
+    every layer and model test."""
     q, k, v, dout = random_qkv(B, H, Hkv, L, 16, dtype, seed=L + 1)
     lengths = torch.tensor(lengths, device="cuda")
     k_cmp = torch.randn(B, Hkv, num_compressed_blocks(L, 32, 16), 16, device="cuda")
