@@ -174,6 +174,9 @@ def load_data_and_model(model_file, data_path=None):
     """
     checkpoint = load_checked(model_file, map_location="cpu")
     config = checkpoint["config"]
+    # RecBole's Config.__init__ sets the numpy 1 aliases its metrics read (np.float in MRR); an unpickled
+    # Config ran no __init__, so a fresh process would fail in evaluate() without this
+    config.compatibility_settings()
     if not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
     if data_path is not None:

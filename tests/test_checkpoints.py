@@ -1,10 +1,13 @@
 """Safe checkpoints: weights_only loading with an explicit allow-list, clear errors, save/resume/load still work."""
 
+import ast
 import collections
 import io
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -216,6 +219,24 @@ def test_load_data_and_model_reproduces_the_test_result(trained):
         assert isinstance(model, BlossomSASRec) and config["model"] == "BlossomSASRec"
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
         assert trainer.evaluate(test_data, load_best_model=False) == result["test_result"]
+
+
+def test_load_data_and_model_evaluates_in_a_fresh_process(trained):
+    """A new process that builds no Config (RecBole's ``Config.__init__`` is what sets the numpy 1 aliases its
+    metrics read, e.g. ``np.float`` in MRR) loads the checkpoint and evaluates it, to the same result."""
+    result, directory = trained
+    code = ("import recbole_blossom\n"
+            "from recbole.utils import get_trainer\n"
+            f"config, model, _, _, _, test = recbole_blossom.load_data_and_model({result['saved_model_file']!r})\n"
+            "trainer = get_trainer(config['MODEL_TYPE'], config['model'])(config, model)\n"
+            "print(repr({k: float(v) for k, v in trainer.evaluate(test, load_best_model=False).items()}))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(recbole_blossom.__file__)))  # this checkout first
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], cwd=directory, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = {k: float(v) for k, v in result["test_result"].items()}
+    assert ast.literal_eval(done.stdout.strip().splitlines()[-1]) == want
 
 
 def test_checkpoint_with_a_relative_data_path_loads_with_data_path(trained, tmp_path):
