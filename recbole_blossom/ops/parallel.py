@@ -169,6 +169,18 @@ if triton is not None:
         return tl.where(ok, pos, 0), ok
 
     @triton.jit
+    def _gather_chunk(K, V, IDX, idx_off, kv_base, offs_t, t_ok, c, offs_c, offs_d, d_ok, skl, N_SLOTS: tl.constexpr,
+                      BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr):
+        """Chunk ``c`` of each row's gathered keys: positions ``(R, CHUNK)``, which count, the ``(R, CHUNK, D)``
+        load mask, and the keys and values in float32 (0 where not counted)."""
+        pos, ok = _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
+        kv_off = kv_base + pos[:, :, None] * skl + offs_d[None, None, :]
+        kv_mask = ok[:, :, None] & d_ok[None, None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        return pos, ok, kv_mask, k, v
+
+    @triton.jit
     def _keep_mask(seed, bh, L, offs_t, c, offs_c, NK: tl.constexpr, CHUNK_: tl.constexpr, dropout_p):
         """Dropout keep mask ``(R, CHUNK)``, the same in forward and backward (``bh`` per row): one Philox
         counter per (batch x head, position, gathered key)."""
@@ -217,16 +229,13 @@ if triton is not None:
         den = tl.zeros([BT * G_P2], tl.float32)
         acc = tl.zeros([BT * G_P2, D_P2], tl.float32)
         for c in range(N_CHUNKS):
-            pos, ok = _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
-            kv_off = kv_base + pos[:, :, None] * skl + offs_d[None, None, :]
-            kv_mask = ok[:, :, None] & d_ok[None, None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            _, ok, _, k, v = _gather_chunk(K, V, IDX, idx_off, kv_base, offs_t, t_ok, c, offs_c, offs_d, d_ok, skl,
+                                           N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
             s = tl.where(ok, tl.sum(q[:, None, :] * k, axis=2), float("-inf"))
             m_new, alpha, p, den = _online_softmax(m, den, s)
             if DROPOUT:
                 keep = _keep_mask(seed, bh, L, offs_t, c, offs_c, N_CHUNKS * CHUNK_, CHUNK_, dropout_p)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
             m = m_new
         den_safe = tl.where(den > 0.0, den, 1.0)
@@ -250,11 +259,8 @@ if triton is not None:
         delta = tl.load(DELTA + bh * L + offs_t, mask=t_ok, other=0.0)
         dq = tl.zeros([BT * G_P2, D_P2], tl.float32)
         for c in range(N_CHUNKS):
-            pos, ok = _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
-            kv_off = kv_base + pos[:, :, None] * skl + offs_d[None, None, :]
-            kv_mask = ok[:, :, None] & d_ok[None, None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            _, ok, _, k, v = _gather_chunk(K, V, IDX, idx_off, kv_base, offs_t, t_ok, c, offs_c, offs_d, d_ok, skl,
+                                           N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
             p = tl.where(ok, tl.exp(tl.sum(q[:, None, :] * k, axis=2) - lse[:, None]), 0.0)
             dp = tl.sum(do[:, None, :] * v, axis=2)
             if DROPOUT:
@@ -282,11 +288,8 @@ if triton is not None:
         kv_base = b * skb + hkv * skh
         idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
         for c in range(N_CHUNKS):
-            pos, ok = _slot_keys(IDX, idx_off, offs_t, t_ok, c, offs_c, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
-            kv_off = kv_base + pos[:, :, None] * skl + offs_d[None, None, :]
-            kv_mask = ok[:, :, None] & d_ok[None, None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            pos, ok, kv_mask, k, v = _gather_chunk(K, V, IDX, idx_off, kv_base, offs_t, t_ok, c, offs_c, offs_d, d_ok,
+                                                   skl, N_SLOTS, BLOCK, BLOCK_P2, SLOTS_PER_CHUNK)
             dk = tl.zeros([BT, CHUNK_, D_P2], tl.float32)
             dv = tl.zeros([BT, CHUNK_, D_P2], tl.float32)
             for g in tl.static_range(G):
