@@ -12,8 +12,9 @@ from recbole_blossom.stis import STIS
 
 
 class BranchGate(nn.Module):
-    """``sigmoid(Linear(x))``: one weight per head per branch. ``(B, L, hidden)`` -> two ``(B, H, L, 1)``;
-    :meth:`combine` applies them (:func:`recbole_blossom.ops.gate_combine`, one kernel each way on the GPU)."""
+    """``sigmoid(Linear(x))``, one weight per head per branch, applied to the branches:
+    ``forward(x (B, L, hidden), ltis, stis (B, H, L, D)) -> g_ltis * ltis + g_stis * stis`` as ``(B, L, H * D)``
+    (:func:`recbole_blossom.ops.gate_combine`, one kernel each way on the GPU)."""
 
     def __init__(self, hidden_size, n_heads, bias_ltis=-2.0, bias_stis=2.0, impl="auto"):
         super().__init__()
@@ -25,12 +26,7 @@ class BranchGate(nn.Module):
             self.proj.bias[: self.n_heads].fill_(self.bias_ltis)
             self.proj.bias[self.n_heads:].fill_(self.bias_stis)
 
-    def forward(self, x):
-        g = torch.sigmoid(self.proj(x)).transpose(1, 2).unsqueeze(-1)  # (B, 2H, L, 1)
-        return g[:, : self.n_heads], g[:, self.n_heads:]
-
-    def combine(self, x, ltis, stis):
-        """``g_ltis * ltis + g_stis * stis`` of ``(B, H, L, D)`` branches, as ``(B, L, H * D)``."""
+    def forward(self, x, ltis, stis):
         return gate_combine(self.proj(x), ltis, stis, impl=self.impl)
 
 
@@ -86,6 +82,6 @@ class BlossomAttention(nn.Module):
         q_score, k_score = (q_rot, k_rot) if self.hp.ltis_score_rope else (q, k)
         ltis = self.ltis(q_rot, k_rot, v, item_seq_len, q_score=q_score, k_score=k_score)
         stis = self.stis(q_rot, k_rot, v, item_seq_len)
-        context = self.gate.combine(input_tensor, ltis, stis)  # (B, L, H * D)
+        context = self.gate(input_tensor, ltis, stis)  # (B, L, H * D)
         hidden_states = self.out_dropout(self.dense(context))
         return self.LayerNorm(hidden_states + input_tensor)

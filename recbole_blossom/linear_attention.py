@@ -216,7 +216,6 @@ class BlossomLinRecAttention(BlossomAttention):
                                          self.training, self.dense_max_len)
         stis = linear_slot_attention(q, k, v, self.stis.slots(L, q.device), 1, scale, p, self.training,
                                      self.dense_max_len)
-        g_ltis, g_stis = self.gate(input_tensor)
-        context = zero_padding_rows(g_ltis * ltis + g_stis * stis, item_seq_len)  # (B, H, L, D)
-        hidden_states = self.out_dropout(self.dense(context.transpose(1, 2).flatten(2)))
+        ltis, stis = (zero_padding_rows(x, item_seq_len) for x in (ltis, stis))  # padded query rows: 0
+        hidden_states = self.out_dropout(self.dense(self.gate(input_tensor, ltis, stis)))
         return self.LayerNorm(hidden_states + input_tensor)
