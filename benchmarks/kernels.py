@@ -77,7 +77,7 @@ def main():
                   flush=True)
         chunks, counts = parallel.tile_chunks(idx, 16, L)
         print(f"L={L:6d} LTIS chunks per tile: mean {counts.float().mean():.1f}, max {int(counts.max())}; "
-              f"tile_presence (in the LTIS times) {bench(lambda: parallel.tile_presence(idx, 16, L)):.3f} ms",
+              f"tile_presence (in the ltis presence times) {bench(lambda: parallel.tile_presence(idx, 16, L)):.3f} ms",
               flush=True)
 
 

@@ -872,8 +872,7 @@ def stis_attention(q, k, v, window, sink, lengths=None, dropout_p=0.0, training=
 def _rope(q, k, cos, sin, sign):
     B, H, L, D = q.shape
     Hkv = k.shape[1]
-    if q.stride(-1) != 1 or k.stride(-1) != 1:
-        q, k = q.contiguous(), k.contiguous()
+    q, k = _last_dim_dense(q), _last_dim_dense(k)
     q_out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     k_out = torch.empty(B, Hkv, L, D, device=k.device, dtype=k.dtype)
     bl = 64
