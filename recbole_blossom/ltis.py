@@ -21,7 +21,8 @@ import math
 import torch
 from torch import nn
 
-from recbole_blossom.ops import causal_attention, gathered_attention, select_blocks, zero_padding_rows
+from recbole_blossom.ops import (causal_attention, compress_blocks, gathered_attention, select_blocks,
+                                 zero_padding_rows)
 from recbole_blossom.ops.naive import compressed_visibility, with_memory_slot
 
 
@@ -54,22 +55,18 @@ def compressed_attention(q, k_cmp, v_cmp, mem_key, mem_value, block_len, stride,
 class BlockCompressor(nn.Module):
     """Compression MLP: ``(B, Hkv, L, D)`` keys -> ``(B, Hkv, Nc, D)`` compressed keys."""
 
-    def __init__(self, head_dim, block_len, stride):
+    def __init__(self, head_dim, block_len, stride, impl="auto"):
         super().__init__()
-        self.block_len, self.stride = block_len, stride
+        self.block_len, self.stride, self.impl = block_len, stride, impl
         self.intra_block_pos = nn.Parameter(torch.zeros(block_len, head_dim))
         self.mlp = nn.Sequential(
             nn.Linear(block_len * head_dim, 2 * head_dim), nn.GELU(), nn.Linear(2 * head_dim, head_dim)
         )
 
     def forward(self, k):
-        B, Hkv, L, D = k.shape
-        n_cmp = num_compressed_blocks(L, self.block_len, self.stride)
-        if n_cmp == 0:
-            return k.new_zeros(B, Hkv, 0, D)
-        windows = k[:, :, : (n_cmp - 1) * self.stride + self.block_len].unfold(2, self.block_len, self.stride)
-        windows = windows.transpose(-1, -2) + self.intra_block_pos.to(k.dtype)  # (B, Hkv, Nc, block_len, D)
-        return self.mlp(windows.flatten(-2))
+        first, last = self.mlp[0], self.mlp[2]
+        return compress_blocks(k, self.intra_block_pos, first.weight, first.bias, last.weight, last.bias,
+                               self.block_len, self.stride, impl=self.impl)
 
 
 class LTIS(nn.Module):
@@ -88,10 +85,10 @@ class LTIS(nn.Module):
         self.block_len, self.stride, self.select_size, self.n_select = block_len, stride, select_size, n_select
         self.dropout_p, self.chunk_size, self.impl = dropout_p, chunk_size, impl
         self.trainable_compression = trainable_compression
-        self.compressor = BlockCompressor(head_dim, block_len, stride)
+        self.compressor = BlockCompressor(head_dim, block_len, stride, impl)
         self.memory_key = nn.Parameter(torch.zeros(n_kv_heads, head_dim))
         if trainable_compression:
-            self.value_compressor = BlockCompressor(head_dim, block_len, stride)
+            self.value_compressor = BlockCompressor(head_dim, block_len, stride, impl)
             self.memory_value = nn.Parameter(torch.zeros(n_kv_heads, head_dim))
         self.reset_parameters()
         if not trainable_compression:

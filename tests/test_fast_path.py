@@ -207,6 +207,30 @@ def test_gate_combine_fast_matches_torch(L, D, dtype):
     assert max(errs) < (1e-6 if dtype == torch.float32 else 1e-2), errs
 
 
+@gpu
+@pytest.mark.parametrize("D,block_len,stride,L", [(16, 32, 16, 200), (8, 8, 4, 77), (12, 32, 16, 90), (16, 32, 16, 31)])
+def test_compress_blocks_fast_matches_torch(D, block_len, stride, L):
+    """The compression MLP in one kernel (no gradient) against the PyTorch formula, float32 and under bf16
+    autocast (as LTIS scores), including lengths with no whole block; with grad needed, the PyTorch path runs."""
+    torch.manual_seed(L)
+    comp = LTIS(D, 2, block_len=block_len, stride=stride, select_size=16, n_select=4).compressor.cuda()
+    torch.nn.init.normal_(comp.intra_block_pos, std=0.5)
+    params = (comp.intra_block_pos, comp.mlp[0].weight, comp.mlp[0].bias, comp.mlp[2].weight, comp.mlp[2].bias)
+    k = torch.randn(3, 2, L, D, device="cuda")
+    with torch.no_grad():
+        exact = naive.compress_blocks(k, *params, block_len, stride)
+        assert torch.equal(comp(k), parallel.compress_blocks(k, *params, block_len, stride))
+        for dtype in (torch.float32, torch.bfloat16):
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                fast = parallel.compress_blocks(k.to(dtype), *params, block_len, stride)
+            assert fast.shape == exact.shape and fast.dtype == dtype
+            if exact.numel():
+                assert rel_err(fast, exact) < (1e-5 if dtype == torch.float32 else 2e-2)
+    trainable = [p.detach().requires_grad_() for p in params]
+    out = recbole_blossom.ops.compress_blocks(k, *trainable, block_len, stride)
+    assert out.requires_grad or not out.numel()
+
+
 def selected_scores(q, k_cmp, mem, idx, geometry):
     """Reference selection scores of the chosen past blocks, sorted (compares choices up to exact ties)."""
     L = q.shape[2]

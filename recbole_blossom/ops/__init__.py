@@ -59,3 +59,11 @@ def gate_combine(logits, ltis, stis, impl="auto"):
     """Gated sum of the two branches; see :func:`recbole_blossom.ops.naive.gate_combine`."""
     fn = parallel.gate_combine if use_fast(impl, ltis) else naive.gate_combine
     return fn(logits, ltis, stis)
+
+
+def compress_blocks(k, pos, w1, b1, w2, b2, block_len, stride, impl="auto"):
+    """LTIS block compression; see :func:`recbole_blossom.ops.naive.compress_blocks`. The kernel has no
+    backward: where autograd needs one (the trainable-compression variant) the PyTorch path runs."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (k, pos, w1, b1, w2, b2))
+    fn = parallel.compress_blocks if use_fast(impl, k) and not needs_grad else naive.compress_blocks
+    return fn(k, pos, w1, b1, w2, b2, block_len, stride)

@@ -10,6 +10,7 @@ in :mod:`recbole_blossom.ops.parallel` are tested against). Same signatures as t
   positions, power-of-two distances, a sink): :func:`gathered_attention` over single-position slots.
 * :func:`rotary` -- RoPE of queries and keys (half-split layout), the layer's glue before both branches.
 * :func:`gate_combine` -- the gated sum of the two branches in the layout of the output projection.
+* :func:`compress_blocks` -- LTIS's compression MLP over overlapping key blocks.
 """
 
 import functools
@@ -258,3 +259,17 @@ def gate_combine(logits, ltis, stis):
     H = ltis.shape[1]
     g = torch.sigmoid(logits).transpose(1, 2).unsqueeze(-1)  # (B, 2H, L, 1)
     return (g[:, :H] * ltis + g[:, H:] * stis).transpose(1, 2).flatten(2)
+
+
+def compress_blocks(k, pos, w1, b1, w2, b2, block_len, stride):
+    """LTIS block compression: ``k`` ``(B, Hkv, L, D)`` -> ``(B, Hkv, Nc, D)``. Block ``i`` is keys
+    ``[i * stride, i * stride + block_len)`` plus the intra-block positions ``pos`` ``(block_len, D)``, flattened
+    (position-major) and put through ``Linear(w1, b1)`` ``(2D, block_len * D)``, GELU, ``Linear(w2, b2)``
+    ``(D, 2D)``. ``Nc = (L - block_len) // stride + 1`` (0 when ``L < block_len``)."""
+    B, Hkv, L, D = k.shape
+    n_cmp = 0 if L < block_len else (L - block_len) // stride + 1
+    if n_cmp == 0:
+        return k.new_zeros(B, Hkv, 0, D)
+    windows = k[:, :, : (n_cmp - 1) * stride + block_len].unfold(2, block_len, stride)
+    windows = windows.transpose(-1, -2) + pos.to(k.dtype)  # (B, Hkv, Nc, block_len, D)
+    return F.linear(F.gelu(F.linear(windows.flatten(-2), w1, b1)), w2, b2)

@@ -597,6 +597,40 @@ if triton is not None:
         else:
             tl.store(OUT + out, (g_a[:, None] * a + g_b[:, None] * br).to(OUT.dtype.element_ty), mask=mask)
 
+    # --- LTIS block compression: window gather, positions, MLP, in one launch ------------------------------
+    @triton.jit
+    def _compress_kernel(K, POS, W1, B1, W2, B2, OUT, NC, skb, skh, skl, HKV: tl.constexpr, D: tl.constexpr,
+                         D_P2: tl.constexpr, H2_P2: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+                         BC: tl.constexpr, KC: tl.constexpr):
+        """Program ``(BC compressed blocks, batch x kv head)``: ``gelu(x W1^T + b1) W2^T + b2`` of each block's
+        flattened window ``x`` (keys plus positions), float32 throughout; the windows are read straight from
+        ``K`` (nothing unfolded or copied)."""
+        b, h = (tl.program_id(1) // HKV).to(tl.int64), tl.program_id(1) % HKV
+        i = tl.program_id(0) * BC + tl.arange(0, BC)
+        i_ok = i < NC
+        f = tl.arange(0, H2_P2)  # hidden features of the MLP (2D, padded)
+        f_ok = f < 2 * D
+        hid = tl.zeros([BC, H2_P2], tl.float32)
+        for e0 in range(0, BLOCK_LEN * D, KC):  # the flattened window, KC entries (position-major) at a time
+            e = e0 + tl.arange(0, KC)
+            e_ok = e < BLOCK_LEN * D
+            j, d = e // D, e % D
+            x = tl.load(K + b * skb + h * skh + (i[:, None] * STRIDE + j[None, :]) * skl + d[None, :],
+                        mask=i_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+            x += tl.load(POS + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+            w1 = tl.load(W1 + f[None, :] * (BLOCK_LEN * D) + e[:, None], mask=e_ok[:, None] & f_ok[None, :],
+                         other=0.0).to(tl.float32)  # (KC, 2D): W1 transposed
+            hid += tl.dot(x, w1, input_precision="ieee")
+        hid += tl.load(B1 + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+        hid = 0.5 * hid * (1.0 + tl.erf(hid * 0.7071067811865476))  # exact GELU, as nn.GELU()
+        o = tl.arange(0, D_P2)
+        o_ok = o < D
+        w2 = tl.load(W2 + o[None, :] * (2 * D) + f[:, None], mask=f_ok[:, None] & o_ok[None, :],
+                     other=0.0).to(tl.float32)  # (2D, D): W2 transposed
+        out = tl.dot(hid, w2, input_precision="ieee") + tl.load(B2 + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(OUT + (b * HKV + h) * NC * D + i[:, None] * D + o[None, :], out.to(OUT.dtype.element_ty),
+                 mask=i_ok[:, None] & o_ok[None, :])
+
 
 QB = 16  # query positions per tile of the attention kernels (x the kv group's heads = the tile's rows)
 KB = 16  # keys per chunk
@@ -940,3 +974,21 @@ def gate_combine(logits, ltis, stis):
     """Triton twin of :func:`recbole_blossom.ops.naive.gate_combine`: one launch forward and one backward (the
     PyTorch path takes about five and ten), gates and products in float32."""
     return _GateCombine.apply(logits, ltis, stis)
+
+
+def compress_blocks(k, pos, w1, b1, w2, b2, block_len, stride):
+    """Triton twin of :func:`recbole_blossom.ops.naive.compress_blocks`, forward only (LTIS scores without
+    autograd): one launch instead of about ten (window copy, position add, casts of the frozen weights under
+    autocast, two matrix products, GELU). Float32 arithmetic; the result has ``k``'s dtype."""
+    B, Hkv, L, D = k.shape
+    n_cmp = 0 if L < block_len else (L - block_len) // stride + 1
+    out = torch.empty(B, Hkv, n_cmp, D, device=k.device, dtype=k.dtype)
+    if n_cmp == 0:
+        return out
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    bc = 16
+    _compress_kernel[(triton.cdiv(n_cmp, bc), B * Hkv)](
+        k, pos.contiguous(), w1.contiguous(), b1, w2.contiguous(), b2, out, n_cmp, *k.stride()[:3], HKV=Hkv, D=D,
+        D_P2=max(16, triton.next_power_of_2(D)), H2_P2=max(16, triton.next_power_of_2(2 * D)),
+        BLOCK_LEN=block_len, STRIDE=stride, BC=bc, KC=64, num_warps=4)
+    return out
