@@ -78,7 +78,6 @@ class BlossomAttention(nn.Module):
     def forward(self, input_tensor, item_seq_len=None):
         q, k, v = self.project(input_tensor)
         q_rot, k_rot = self.rotary(q, k)
-        v = v.contiguous()  # once for both branches (the kernels read contiguous heads; RoPE's output already is)
         q_score, k_score = (q_rot, k_rot) if self.hp.ltis_score_rope else (q, k)
         ltis = self.ltis(q_rot, k_rot, v, item_seq_len, q_score=q_score, k_score=k_score)
         stis = self.stis(q_rot, k_rot, v, item_seq_len)

@@ -121,8 +121,9 @@ class AttentionSASRec(SASRec):
                 f"Use seq_train_mode: per_prefix")
 
     def attention_input(self, item_seq, item_seq_len):
-        """What every attention layer gets besides the hidden states: the ``(B,)`` lengths."""
-        return item_seq_len
+        """What every attention layer gets besides the hidden states: the ``(B,)`` lengths, as int32 once per
+        forward (what the kernels read; converting in every branch of every layer cost a launch each)."""
+        return item_seq_len.to(torch.int32)
 
     def sequence_output(self, item_seq, item_seq_len):
         """Encoder output at every position: ``(B, L)`` items and ``(B,)`` lengths -> ``(B, L, hidden)``."""

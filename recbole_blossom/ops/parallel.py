@@ -377,35 +377,33 @@ if triton is not None:
         return tl.where(dup > 0, -1, j)
 
     @triton.jit
-    def _fwd_chunk(q, K, V, kv_base, c, t, row_ok, row_idx, bh, offs_d, d_ok, L, scale, dropout_p, seed,
-                   m, den, acc, skl, PATTERN: tl.constexpr, BLOCK: tl.constexpr, UNIFORM: tl.constexpr,
+    def _fwd_chunk(q, K, V, c, t, row_ok, row_idx, bh, offs_d, d_ok, L, scale, dropout_p, seed,
+                   m, den, acc, skl, svl, PATTERN: tl.constexpr, BLOCK: tl.constexpr, UNIFORM: tl.constexpr,
                    WINDOW: tl.constexpr, SINK: tl.constexpr, KB: tl.constexpr, DROPOUT: tl.constexpr,
                    PRECISION: tl.constexpr):
         """One online-softmax step of the tile over key chunk ``c``."""
         s = c * KB + tl.arange(0, KB)
-        kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
         kv_mask = (s < L)[:, None] & d_ok[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        k = tl.load(K + s[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
         sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
         m_new, alpha, p, den = _online_softmax(m, den, tl.where(ok, sc, float("-inf")))
         if DROPOUT:
             p = tl.where(_tc_keep(seed, bh, t, s, L, dropout_p), p / (1.0 - dropout_p), 0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + s[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, den, acc
 
     @triton.jit
-    def _bwd_chunk(q, do, lse, delta, K, V, DK, DV, kv_base, out_base, c, t, row_ok, row_idx, bh, offs_d, d_ok,
-                   L, scale, dropout_p, seed, dq, skl, D: tl.constexpr, PATTERN: tl.constexpr,
+    def _bwd_chunk(q, do, lse, delta, K, V, DK, DV, out_base, c, t, row_ok, row_idx, bh, offs_d, d_ok,
+                   L, scale, dropout_p, seed, dq, skl, svl, D: tl.constexpr, PATTERN: tl.constexpr,
                    BLOCK: tl.constexpr, UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr,
                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
         """The tile's backward over key chunk ``c``: returns dq; adds dk, dv of the chunk (atomics)."""
         s = c * KB + tl.arange(0, KB)
-        kv_off = kv_base + s[:, None] * skl + offs_d[None, :]
         kv_mask = (s < L)[:, None] & d_ok[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        k = tl.load(K + s[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + s[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
         sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
         p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)
@@ -450,7 +448,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
     def _tc_fwd_kernel(Q, K, V, O, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
-                    sqb, sqh, sql, skb, skh, skl, sib, sih, sil, scb, sch, sct, snb, snh,
+                    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sib, sih, sil, scb, sch, sct, snb, snh,
                     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
                     UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, QB: tl.constexpr,
@@ -461,7 +459,7 @@ if triton is not None:
         offs_s = tl.arange(0, S_P2)
         row_idx = tl.load(IDX + b * sib + hkv * sih + t[:, None] * sil + offs_s[None, :],
                           mask=row_ok[:, None] & (offs_s < S)[None, :], other=-1)
-        kv_base = b * skb + hkv * skh
+        Kb, Vb = K + b * skb + hkv * skh, V + b * svb + hkv * svh  # this kv head's keys and values
         m = tl.full([QB * G_P2], float("-inf"), tl.float32)
         den = tl.zeros([QB * G_P2], tl.float32)
         acc = tl.zeros([QB * G_P2, D_P2], tl.float32)
@@ -470,9 +468,9 @@ if triton is not None:
                 j = _slot_block(IDX, b, hkv, sib, sih, sil, L, u, row_idx, QB, G_P2, S, S_P2)
                 if j >= 0:
                     for r in tl.static_range(BLOCK // KB):
-                        m, den, acc = _fwd_chunk(q, K, V, kv_base, j * (BLOCK // KB) + r, t, row_ok, row_idx, bh,
-                                                 offs_d, d_ok, L, scale, dropout_p, seed, m, den, acc, skl, PATTERN,
-                                                 BLOCK, UNIFORM, WINDOW, SINK, KB, DROPOUT, PRECISION)
+                        m, den, acc = _fwd_chunk(q, Kb, Vb, j * (BLOCK // KB) + r, t, row_ok, row_idx, bh,
+                                                 offs_d, d_ok, L, scale, dropout_p, seed, m, den, acc, skl, svl,
+                                                 PATTERN, BLOCK, UNIFORM, WINDOW, SINK, KB, DROPOUT, PRECISION)
         else:
             n, ch = _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB, KB, WALK)
             for u in range(0, n):
@@ -483,8 +481,8 @@ if triton is not None:
                     c = tl.load(ch + u)
                     go = True  # every listed chunk is visited: no branch in the compiled loop
                 if go:
-                    m, den, acc = _fwd_chunk(q, K, V, kv_base, c, t, row_ok, row_idx, bh, offs_d, d_ok, L, scale,
-                                             dropout_p, seed, m, den, acc, skl, PATTERN, BLOCK, UNIFORM, WINDOW,
+                    m, den, acc = _fwd_chunk(q, Kb, Vb, c, t, row_ok, row_idx, bh, offs_d, d_ok, L, scale,
+                                             dropout_p, seed, m, den, acc, skl, svl, PATTERN, BLOCK, UNIFORM, WINDOW,
                                              SINK, KB, DROPOUT, PRECISION)
         den_safe = tl.where(den > 0.0, den, 1.0)
         out = tl.where((t < tl.load(LENS + b))[:, None], acc / den_safe[:, None], 0.0)  # padding rows: 0
@@ -493,7 +491,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
     def _tc_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
-                    sqb, sqh, sql, skb, skh, skl, sib, sih, sil, scb, sch, sct, snb, snh,
+                    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sib, sih, sil, scb, sch, sct, snb, snh,
                     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
                     UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, QB: tl.constexpr,
@@ -510,7 +508,7 @@ if triton is not None:
         offs_s = tl.arange(0, S_P2)
         row_idx = tl.load(IDX + b * sib + hkv * sih + t[:, None] * sil + offs_s[None, :],
                           mask=row_ok[:, None] & (offs_s < S)[None, :], other=-1)
-        kv_base = b * skb + hkv * skh
+        Kb, Vb = K + b * skb + hkv * skh, V + b * svb + hkv * svh  # this kv head's keys and values
         out_base = tl.program_id(1).to(tl.int64) * L * D
         dq = tl.zeros([QB * G_P2, D_P2], tl.float32)
         if WALK == 2:
@@ -518,9 +516,9 @@ if triton is not None:
                 j = _slot_block(IDX, b, hkv, sib, sih, sil, L, u, row_idx, QB, G_P2, S, S_P2)
                 if j >= 0:
                     for r in tl.static_range(BLOCK // KB):
-                        dq = _bwd_chunk(q, do, lse, delta, K, V, DK, DV, kv_base, out_base, j * (BLOCK // KB) + r,
-                                        t, row_ok, row_idx, bh, offs_d, d_ok, L, scale, dropout_p, seed, dq, skl, D,
-                                        PATTERN, BLOCK, UNIFORM, WINDOW, SINK, KB, DROPOUT, PRECISION)
+                        dq = _bwd_chunk(q, do, lse, delta, Kb, Vb, DK, DV, out_base, j * (BLOCK // KB) + r,
+                                        t, row_ok, row_idx, bh, offs_d, d_ok, L, scale, dropout_p, seed, dq, skl,
+                                        svl, D, PATTERN, BLOCK, UNIFORM, WINDOW, SINK, KB, DROPOUT, PRECISION)
         else:
             n, ch = _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB, KB, WALK)
             for u in range(0, n):
@@ -531,8 +529,8 @@ if triton is not None:
                     c = tl.load(ch + u)
                     go = True  # every listed chunk is visited: no branch in the compiled loop
                 if go:
-                    dq = _bwd_chunk(q, do, lse, delta, K, V, DK, DV, kv_base, out_base, c, t, row_ok, row_idx, bh,
-                                    offs_d, d_ok, L, scale, dropout_p, seed, dq, skl, D, PATTERN, BLOCK, UNIFORM,
+                    dq = _bwd_chunk(q, do, lse, delta, Kb, Vb, DK, DV, out_base, c, t, row_ok, row_idx, bh,
+                                    offs_d, d_ok, L, scale, dropout_p, seed, dq, skl, svl, D, PATTERN, BLOCK, UNIFORM,
                                     WINDOW, SINK, KB, DROPOUT, PRECISION)
         tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
 
@@ -782,13 +780,16 @@ class _BlockAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        # q contiguous (its strides are also out's, dout's and dq's); k and v are read through their own strides,
+        # so the (B, L, Hkv, D) views of the fused projection need no copy
+        q = q.contiguous()
+        k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
         B, H, L, D = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         seed = int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0.0 else 0
         _tc_fwd_kernel[_grid(q, k, plan)](q, k, v, out, lse, idx, chunks, counts, lengths, L, scale, dropout_p,
-                                          seed, *_strides(q, k, idx, chunks, counts), **_meta(q, k, idx, plan,
+                                          seed, *_strides(q, k, v, idx, chunks, counts), **_meta(q, k, idx, plan,
                                                                                             dropout_p))
         ctx.save_for_backward(q, k, v, out, lse, idx, chunks, counts, lengths)
         ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed = plan, scale, dropout_p, seed
@@ -802,7 +803,7 @@ class _BlockAttention(torch.autograd.Function):
         dkv = torch.zeros(2, *k.shape, device=k.device, dtype=torch.float32)  # one fill and one cast for both
         _tc_bwd_kernel[_grid(q, k, ctx.plan)](q, k, v, out, dout, dq, dkv[0], dkv[1], lse, idx, chunks, counts,
                                               lengths, q.shape[2], ctx.scale, ctx.dropout_p, ctx.seed,
-                                              *_strides(q, k, idx, chunks, counts),
+                                              *_strides(q, k, v, idx, chunks, counts),
                                               **_meta(q, k, idx, ctx.plan, ctx.dropout_p))
         dk, dv = dkv.to(k.dtype).unbind(0)
         return dq, dk, dv, None, None, None, None, None, None, None
@@ -812,8 +813,9 @@ def _grid(q, k, plan):
     return (triton.cdiv(q.shape[2], plan["qb"]), q.shape[0] * k.shape[1])
 
 
-def _strides(q, k, idx, chunks, counts):
-    return (*q.stride()[:3], *k.stride()[:3], *idx.stride()[:3], *chunks.stride()[:3], *counts.stride()[:2])
+def _strides(q, k, v, idx, chunks, counts):
+    return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3], *chunks.stride()[:3],
+            *counts.stride()[:2])
 
 
 def _meta(q, k, idx, plan, dropout_p):
@@ -829,6 +831,18 @@ def _meta(q, k, idx, plan, dropout_p):
                 WINDOW=plan["window"] if stis else 0, SINK=bool(plan["sink"]) if stis else False, QB=plan["qb"],
                 KB=KB, DROPOUT=dropout_p > 0.0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 WALK=plan["walk"], num_warps=4 if plan["qb"] * triton.next_power_of_2(H // Hkv) > 16 else 2)
+
+
+_PLACEHOLDERS = {}  # device -> tiny int32 tensors for kernel arguments a walk does not read (no launch per call)
+
+
+def _placeholder(device, fill):
+    """A ``(1, 1, 1, 1)`` int32 tensor of ``fill`` on ``device``, made once (only its pointer and strides are
+    passed; kernels that read it are given real data)."""
+    key = (str(device), fill)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.full((1, 1, 1, 1), fill, dtype=torch.int32, device=device)
+    return _PLACEHOLDERS[key]
 
 
 def _prepare(q, lengths, dropout_p, training, scale):
@@ -871,12 +885,12 @@ def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, trainin
         return _GatheredAttention.apply(q, k, v, idx.expand(*expand, *idx.shape[2:]), lengths, block, scale, p)
     plan = dict(pattern="slots", block=block)
     if kernel == "slots":
-        chunks = idx.new_zeros(1, 1, 1, 1)  # unused: each tile reads its own slots
+        chunks = _placeholder(q.device, 0)  # unused: each tile reads its own slots
         plan.update(walk=2, qb=max(1, 16 // triton.next_power_of_2(q.shape[1] // k.shape[1])))
     else:
         chunks = tile_presence(idx, block, q.shape[2])
         plan.update(walk=1, qb=QB)
-    counts = chunks.new_zeros(1, 1, 1, dtype=torch.int32)  # unused: only list walks (STIS) read counts
+    counts = _placeholder(q.device, 0)[0]  # unused: only list walks (STIS) read counts
     idx, chunks, counts = (x.expand(*expand, *x.shape[2:]) for x in (idx, chunks, counts))
     return _BlockAttention.apply(q, k, v, idx, chunks, counts, lengths, plan, scale, p)
 
@@ -898,7 +912,7 @@ def stis_attention(q, k, v, window, sink, lengths=None, dropout_p=0.0, training=
     chunks, counts = _STIS_CHUNKS[key]
     expand = (q.shape[0], k.shape[1])
     chunks, counts = chunks.expand(*expand, *chunks.shape[2:]), counts.expand(*expand, counts.shape[-1])
-    dummy = torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device).expand(*expand, q.shape[2], 1)
+    dummy = _placeholder(q.device, -1).expand(*expand, q.shape[2], 1)  # STIS reads no slots: all empty
     plan = dict(pattern="stis", window=window, sink=sink, walk=0, qb=QB)
     return _BlockAttention.apply(q, k, v, dummy, chunks, counts, lengths, plan, scale, p)
 
