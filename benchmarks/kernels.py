@@ -54,9 +54,9 @@ def main():
             configs = [dict(bt=bt, bc=bc, precision=p, num_warps=w) for bt, bc, p, w in itertools.product(
                 (32, 64), (32, 64), ("ieee", "tf32"), (4, 8))]
         for cfg in configs:
-            ms = bench(lambda: parallel.select_blocks(q, k_cmp, mem, 32, 16, 16, 4, **cfg))
+            ms = bench(lambda: parallel.select_blocks(q, k_cmp, mem, 32, 16, 16, 4, pool="logits", **cfg))
             print(f"L={L:6d} B={B:4d} {str(dtype)[6:]:8s} select {cfg or 'default'}: {ms:.3f} ms", flush=True)
-        idx = parallel.select_blocks(q, k_cmp, mem, 32, 16, 16, 4)
+        idx = parallel.select_blocks(q, k_cmp, mem, 32, 16, 16, 4, pool="logits")
         dout = torch.randn_like(q)
         auto = parallel.ltis_kernel(q, 16)
         ops = [(f"ltis {kern}{' (auto)' if kern == auto else ''} p={p}",

@@ -112,13 +112,9 @@ class LTIS(nn.Module):
         with torch.no_grad():
             if k_cmp is None:
                 k_cmp = self.compressor(k_score.detach())
-            q_score = q_score.detach()
-            if self.score_pool == "logits":
-                # the mean over a kv group of q_g . k is (mean_g q_g) . k: one softmax per kv head
-                B, H, L, D = q_score.shape
-                q_score = q_score.view(B, k_cmp.shape[1], H // k_cmp.shape[1], L, D).mean(2)
-            return select_blocks(q_score, k_cmp, self.memory_key, self.block_len, self.stride,
-                                 self.select_size, self.n_select, self.chunk_size, impl=self.impl)
+            return select_blocks(q_score.detach(), k_cmp, self.memory_key, self.block_len, self.stride,
+                                 self.select_size, self.n_select, self.chunk_size, pool=self.score_pool,
+                                 impl=self.impl)
 
     def forward(self, q, k, v, lengths=None, q_score=None, k_score=None):
         """``q`` ``(B, H, L, D)``, ``k, v`` ``(B, Hkv, L, D)``; blocks are scored with ``q_score, k_score``

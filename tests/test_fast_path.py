@@ -250,17 +250,20 @@ def selected_scores(q, k_cmp, mem, idx, geometry):
     (1, 8, 2, 4099, 16, (32, 16, 16, 8)),
     (2, 2, 2, 200, 16, (32, 16, 16, 4)),  # one query head a kv head: how ltis_score_pool logits calls it
 ])
-def test_select_blocks_fast_matches_torch(B, H, Hkv, L, D, geometry):
+@pytest.mark.parametrize("pool", ["probs", "logits"])
+def test_select_blocks_fast_matches_torch(B, H, Hkv, L, D, geometry, pool):
     gen = torch.Generator(device="cuda").manual_seed(L)
     q = torch.randn(B, H, L, D, device="cuda", generator=gen)
     k_cmp = torch.randn(B, Hkv, num_compressed_blocks(L, *geometry[:2]), D, device="cuda", generator=gen)
     mem = torch.randn(Hkv, D, device="cuda", generator=gen)
-    ref = naive.select_blocks(q, k_cmp, mem, *geometry, chunk_size=300)
-    fast = parallel.select_blocks(q, k_cmp, mem, *geometry)
+    ref = naive.select_blocks(q, k_cmp, mem, *geometry, chunk_size=300, pool=pool)
+    fast = parallel.select_blocks(q, k_cmp, mem, *geometry, pool=pool)
+    if pool == "logits":  # the kernel's in-place group mean equals scoring the group-mean query
+        q = q.view(B, Hkv, H // Hkv, L, D).mean(2)
     assert fast.shape == ref.shape and torch.equal(fast[..., -1], ref[..., -1])
     same = (fast[..., :-1].sort(-1).values == ref[..., :-1].sort(-1).values).all(-1).float().mean().item()
     assert same > 0.99, same  # identical choices except on near-ties (TF32 scores)
-    exact = parallel.select_blocks(q, k_cmp, mem, *geometry, precision="ieee")
+    exact = parallel.select_blocks(q, k_cmp, mem, *geometry, precision="ieee")  # q pooled already
     assert (exact[..., :-1].sort(-1).values == ref[..., :-1].sort(-1).values).all(-1).float().mean() > 0.999
     # where the choices differ, they are as good: the chosen blocks' exact scores agree to TF32 rounding
     torch.testing.assert_close(selected_scores(q, k_cmp, mem, fast, geometry),

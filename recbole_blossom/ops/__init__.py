@@ -30,10 +30,10 @@ def use_fast(impl, x):
 
 
 def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None,
-                  impl="auto"):
+                  pool="probs", impl="auto"):
     """LTIS block selection; see :func:`recbole_blossom.ops.naive.select_blocks`."""
     fn = parallel.select_blocks if use_fast(impl, q) else naive.select_blocks
-    return fn(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size, scale)
+    return fn(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size, scale, pool)
 
 
 def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, training=False, scale=None,

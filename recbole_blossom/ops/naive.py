@@ -90,12 +90,16 @@ def selection_scores(q, k_cmp, mem_key, t, block_len, stride, select_size, n_slc
     return (probs @ overlap) / count.clamp_min(1.0)
 
 
-def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None):
+def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None,
+                  pool="probs"):
     """Pick the selection blocks every query attends to (no autograd).
 
     Args:
         q: ``(B, H, L, D)`` queries; k_cmp: ``(B, Hkv, Nc, D)`` compressed keys; mem_key: ``(Hkv, D)``.
         chunk_size: queries scored at once (bounds the ``chunk x Nc`` score memory).
+        pool: how the query heads of a kv head share one choice: ``probs``, the mean of each head's
+            probabilities; ``logits``, one softmax of the mean score, i.e. of the group-mean query (the mean
+            over a group of ``q_g . k`` is ``(mean_g q_g) . k``).
     Returns:
         ``(B, Hkv, L, n_select + 1)`` int32 block numbers, ``-1`` for an empty slot: the best ``n_select``
         selection blocks strictly before the query's own block (all of them while there are at most
@@ -103,6 +107,8 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
     """
     B, H, L, D = q.shape
     Hkv = k_cmp.shape[1]
+    if pool == "logits":
+        q = q.reshape(B, Hkv, H // Hkv, L, D).mean(2)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     n_slc = num_blocks(L, select_size)
     own = torch.arange(L, device=q.device) // select_size

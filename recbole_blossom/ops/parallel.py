@@ -62,12 +62,22 @@ def overlap_count(block_len, stride, select_size):
 if triton is not None:
 
     @triton.jit
+    def _score_q(Q, b, head, offs_t, offs_d, t_ok, d_ok, sqb, sqh, sql, POOL: tl.constexpr):
+        """Query rows of scoring head ``head``: query head ``head`` itself, or with ``POOL > 1`` the mean of query
+        heads ``head * POOL .. head * POOL + POOL - 1`` (logit pooling over a kv group: one score per kv head)."""
+        q = tl.zeros([offs_t.shape[0], offs_d.shape[0]], tl.float32)
+        for r in tl.static_range(POOL):
+            q += tl.load(Q + b * sqb + (head * POOL + r) * sqh + offs_t[:, None] * sql + offs_d[None, :],
+                         mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        return q / POOL
+
+    @triton.jit
     def _select_kernel(Q, KC, MEM, IDX, L, NC, scale,
                        sqb, sqh, sql, skb, skh, skn, sib, sih, sil,
                        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                        BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr,
                        N_SEL: tl.constexpr, N_SEL_P2: tl.constexpr, N_OV: tl.constexpr, G_P2: tl.constexpr,
-                       BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr):
+                       BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, POOL: tl.constexpr):
         pid_t, bhk = tl.program_id(0), tl.program_id(1)
         b, hkv = (bhk // HKV).to(tl.int64), bhk % HKV
         offs_t = pid_t * BT + tl.arange(0, BT)
@@ -83,8 +93,7 @@ if triton is not None:
         m_all = tl.zeros([BT, G_P2], tl.float32)
         den_all = tl.zeros([BT, G_P2], tl.float32)
         for g in tl.static_range(G):
-            q = tl.load(Q + b * sqb + (hkv * G + g) * sqh + offs_t[:, None] * sql + offs_d[None, :],
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            q = _score_q(Q, b, hkv * G + g, offs_t, offs_d, t_ok, d_ok, sqb, sqh, sql, POOL)
             m = tl.sum(q * mem[None, :], axis=1) * scale  # the memory slot, always visible
             den = tl.full([BT], 1.0, tl.float32)
             for c0 in range(0, n_vis, BC):
@@ -120,8 +129,7 @@ if triton is not None:
                 vis = i_ok[None, :] & (i[None, :] * STRIDE + BLOCK_LEN - 1 <= offs_t[:, None])
                 p_sum = tl.zeros([BT, BC], tl.float32)
                 for g in tl.static_range(G):
-                    q = tl.load(Q + b * sqb + (hkv * G + g) * sqh + offs_t[:, None] * sql + offs_d[None, :],
-                                mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                    q = _score_q(Q, b, hkv * G + g, offs_t, offs_d, t_ok, d_ok, sqb, sqh, sql, POOL)
                     m = tl.sum(tl.where(offs_g[None, :] == g, m_all, 0.0), axis=1)
                     den = tl.sum(tl.where(offs_g[None, :] == g, den_all, 0.0), axis=1)
                     s = tl.dot(q, tl.trans(kc), input_precision=PRECISION) * scale
@@ -644,7 +652,7 @@ TC_MAX_LEN = 8192
 
 
 def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, chunk_size=1024, scale=None,
-                  *, bt=64, bc=32, precision=None, num_warps=4):
+                  pool="probs", *, bt=64, bc=32, precision=None, num_warps=4):
     """Fused twin of :func:`recbole_blossom.ops.naive.select_blocks` (``chunk_size`` is not needed here:
     nothing ``L x Nc`` is stored). Slots come in no particular order. ``bt, bc, precision, num_warps`` tune
     the kernel (``benchmarks/kernels.py``); ``precision`` defaults to exact products for float32 ``q`` (the
@@ -652,6 +660,8 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
     B, H, L, D = q.shape
     precision = precision or ("ieee" if q.dtype == torch.float32 else "tf32")
     Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
+    pool_heads = H // Hkv if pool == "logits" else 1  # logits: the kernel scores the group-mean query
+    H = H // pool_heads
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     # the kernel converts on load: no float32 copies of q and k_cmp
     q, k_cmp, mem_key = q.detach().contiguous(), k_cmp.detach().contiguous(), mem_key.detach().contiguous()
@@ -661,7 +671,7 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
         HKV=Hkv, G=H // Hkv, D=D, D_P2=max(16, triton.next_power_of_2(D)), BLOCK_LEN=block_len, STRIDE=stride,
         SEL=select_size, N_SEL=n_select, N_SEL_P2=triton.next_power_of_2(n_select),
         N_OV=overlap_count(block_len, stride, select_size), G_P2=triton.next_power_of_2(H // Hkv), BT=bt, BC=bc,
-        PRECISION=precision, num_warps=num_warps)
+        PRECISION=precision, POOL=pool_heads, num_warps=num_warps)
     return idx
 
 
