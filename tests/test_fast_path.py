@@ -333,6 +333,47 @@ def test_fast_dropout_gradient_is_consistent():
         assert not torch.equal(fn(q), out), "dropout should change with the seed"
 
 
+def dropout_keep_mask(kernel, p, device, dtype=torch.float16, seed=3):
+    """The keep mask of one dropout call, read off the output: all-zero queries give uniform attention over
+    the allowed keys and value ``s`` is the one-hot vector of key ``s``, so ``out[b, h, t, s]`` is
+    ``keep / ((1 - p) (t + 1))`` for ``s <= t`` (LTIS selecting every block of 16 keys: causal attention).
+    Returns (keep, allowed), both ``(B, H, L, L)`` bools."""
+    B, H, L = 16, 4, 64
+    q = torch.zeros(B, H, L, L, dtype=dtype, device=device)
+    k = torch.zeros(B, 1, L, L, dtype=dtype, device=device)
+    v = torch.eye(L, dtype=dtype, device=device).expand(B, 1, L, L).contiguous()
+    idx = torch.arange(L // 16, device=device).expand(B, 1, L, L // 16).contiguous()
+    torch.manual_seed(seed)
+    out = parallel.gathered_attention(q, k, v, idx, 16, None, p, True, kernel=kernel).float()
+    t = torch.arange(L, device=device)
+    allowed = (t[None, :] <= t[:, None]).expand(B, H, L, L)
+    return out * (1 - p) * (t + 1)[:, None] > 0.5, allowed
+
+
+@gpu
+@pytest.mark.parametrize("kernel", ["slots", "presence"])
+def test_fast_dropout_rate_and_independence(kernel):
+    """Scores are dropped at rate p, independently of the neighbouring key (which shares a Philox word), of
+    the key 8 further on (another Philox call), of the next query head and of the next query."""
+    p = 0.3
+    keep, allowed = dropout_keep_mask(kernel, p, "cuda")
+    assert not (keep & ~allowed).any()
+    n = allowed.sum().item()
+    assert abs(keep[allowed].float().mean().item() - (1 - p)) < 0.01, keep[allowed].float().mean()
+
+    def both_kept(a, b, ok):
+        return ((a & b)[ok].float().mean().item())
+
+    pairs = {"key s+1": (keep[..., 1:], keep[..., :-1], allowed[..., 1:]),
+             "key s+8": (keep[..., 8:], keep[..., :-8], allowed[..., 8:]),
+             "head h+1": (keep[:, 1:], keep[:, :-1], allowed[:, 1:]),
+             "query t+1": (keep[:, :, 1:], keep[:, :, :-1], allowed[:, :, :-1])}
+    for name, (a, b, ok) in pairs.items():
+        assert abs(both_kept(a, b, ok) - (1 - p) ** 2) < 0.015, (name, both_kept(a, b, ok), n)
+    again, _ = dropout_keep_mask(kernel, p, "cuda", seed=4)
+    assert (again != keep)[allowed].float().mean().item() > 0.3  # a new seed, a new mask
+
+
 def brute_force_chunks(idx, block, L):
     """Per (batch, head, tile): the set of 16-key chunks holding a key some query of the tile may see."""
     keys, ok = naive.slot_keys(idx, block, L)

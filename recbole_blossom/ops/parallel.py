@@ -24,7 +24,9 @@
     family was 2-9x slower at L >= 1024: NOTES.md.)
 
   Attention dropout uses Philox random numbers that the backward regenerates from the same seed (the seed is
-  not a specialised kernel argument, so a new seed never compiles a new kernel).
+  not a specialised kernel argument, so a new seed never compiles a new kernel): one number per score in the
+  float32 kernels; eight 16-bit numbers per call in the tensor-core kernels, as FlashAttention splits its
+  Philox words (``p`` is then rounded up to a multiple of 1/65536).
 * :func:`rotary` and :func:`gate_combine`: the layer's glue around the branches (RoPE of q and k; sigmoid
   gates, gated sum and the output projection's layout), one launch forward and one backward each.
 """
@@ -353,11 +355,24 @@ if triton is not None:
         return ok
 
     @triton.jit
-    def _tc_keep(seed, bh, t, s, L, dropout_p):
-        """Dropout keep mask ``(rows, KB)``: one Philox counter per (batch x head, query, key), so the
-        backward regenerates the forward's mask whatever order it visits the keys in."""
-        counter = (bh[:, None].to(tl.int64) * L + t[:, None]) * L + s[None, :]
-        return tl.rand(seed, counter) >= dropout_p
+    def _tc_keep(seed, bh, t, c, L, dropout_p, KB: tl.constexpr):
+        """Dropout keep mask ``(rows, KB)`` of key chunk ``c``: a 16-bit uniform number per (batch x head,
+        query, key), eight from each Philox call (one call per 8 keys of a row: a call per score made dropout
+        cost up to 2.4x the kernel's time), compared with ``65536 p`` (so ``p`` is in effect
+        rounded up to a multiple of 1/65536). The counter depends on the
+        row and the key group only, so the backward regenerates the forward's mask in any visiting order."""
+        tl.static_assert(KB % 8 == 0)
+        base = (bh.to(tl.int64) * L + t) * ((L + 7) // 8) + c * (KB // 8)  # (rows,): the row's first key group
+        col = tl.arange(0, KB)[None, :]
+        word = tl.zeros([bh.shape[0], KB], tl.uint32)
+        for g in tl.static_range(KB // 8):
+            r0, r1, r2, r3 = tl.randint4x(seed, base + g)
+            w = col // 2 % 4  # keys 8g + 2w and 8g + 2w + 1 share 32-bit word w of the call
+            pick = tl.where(w == 0, r0[:, None], tl.where(w == 1, r1[:, None],
+                                                          tl.where(w == 2, r2[:, None], r3[:, None])))
+            word = tl.where(col // 8 == g, pick, word)
+        u16 = (word >> ((col % 2) * 16).to(tl.uint32)) & 0xFFFF
+        return u16.to(tl.float32) >= dropout_p * 65536.0
 
     @triton.jit
     def _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB: tl.constexpr, KB: tl.constexpr,
@@ -397,7 +412,7 @@ if triton is not None:
         ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
         m_new, alpha, p, den = _online_softmax(m, den, tl.where(ok, sc, float("-inf")))
         if DROPOUT:
-            p = tl.where(_tc_keep(seed, bh, t, s, L, dropout_p), p / (1.0 - dropout_p), 0.0)
+            p = tl.where(_tc_keep(seed, bh, t, c, L, dropout_p, KB), p / (1.0 - dropout_p), 0.0)
         v = tl.load(V + s[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, den, acc
@@ -418,7 +433,7 @@ if triton is not None:
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         pd = p
         if DROPOUT:
-            keep = _tc_keep(seed, bh, t, s, L, dropout_p)
+            keep = _tc_keep(seed, bh, t, c, L, dropout_p, KB)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
