@@ -6,7 +6,7 @@ from torch import nn
 
 from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
 from recbole_blossom.ltis import LTIS
-from recbole_blossom.ops import gate_combine
+from recbole_blossom.ops import branch_attention, gate_combine
 from recbole_blossom.rotary import RotaryEmbedding
 from recbole_blossom.stis import STIS
 
@@ -79,8 +79,13 @@ class BlossomAttention(nn.Module):
         q, k, v = self.project(input_tensor)
         q_rot, k_rot = self.rotary(q, k)
         q_score, k_score = (q_rot, k_rot) if self.hp.ltis_score_rope else (q, k)
-        ltis = self.ltis(q_rot, k_rot, v, item_seq_len, q_score=q_score, k_score=k_score)
-        stis = self.stis(q_rot, k_rot, v, item_seq_len)
-        context = self.gate(input_tensor, ltis, stis)  # (B, L, H * D)
+        if self.ltis.trainable_compression:  # LTIS adds its compressed branch: the branches one by one
+            ltis = self.ltis(q_rot, k_rot, v, item_seq_len, q_score=q_score, k_score=k_score)
+            context = self.gate(input_tensor, ltis, self.stis(q_rot, k_rot, v, item_seq_len))
+        else:  # what LTIS.forward, STIS.forward and the gate compute, as one op (one autograd node on the GPU)
+            idx = None if self.ltis.selects_all(q.shape[2]) else self.ltis.select(q_score, k_score)
+            context = branch_attention(q_rot, k_rot, v, idx, self.ltis.select_size, self.stis.window, self.stis.sink,
+                                       self.gate.proj(input_tensor), item_seq_len, self.hp.attn_dropout_prob,
+                                       self.training, impl=self.runtime.blossom_impl)  # (B, L, H * D)
         hidden_states = self.out_dropout(self.dense(context))
         return self.LayerNorm(hidden_states + input_tensor)

@@ -134,6 +134,34 @@ def test_ltis_attention_fast_matches_torch(B, H, Hkv, L, lengths, dtype, select_
     assert max(errs) < TOL[dtype], errs
 
 
+@gpu
+@DTYPES
+@pytest.mark.parametrize("B,H,Hkv,L,lengths", [CASES[1], CASES[3], (2, 8, 2, 45, [45, 30])])
+@pytest.mark.parametrize("kernel", ["auto", "slots", "presence"])
+def test_branch_attention_fast_matches_torch(B, H, Hkv, L, lengths, dtype, kernel):
+    """Both branches and the gate (one autograd node on the tensor-core kernels, the ops one by one for float32
+    by default): output and the gradients of q, k, v and the gate logits, at lengths where LTIS selects and
+    where it is causal attention (``idx`` None)."""
+    q, k, v, _ = random_qkv(B, H, Hkv, L, 16, dtype, seed=L + 2)
+    gen = torch.Generator(device="cuda").manual_seed(L)
+    logits = torch.randn(B, L, 2 * H, device="cuda", generator=gen).to(dtype)
+    dout = torch.randn(B, L, H * 16, device="cuda", generator=gen)
+    lengths = torch.tensor(lengths, device="cuda")
+    idx = None if L <= 80 else naive.select_blocks(
+        q.float(), torch.randn(B, Hkv, num_compressed_blocks(L, 32, 16), 16, device="cuda", generator=gen),
+        torch.randn(Hkv, 16, device="cuda", generator=gen), 32, 16, 16, 4)
+    results = []
+    for fn, dt in ((lambda *x: parallel.branch_attention(*x[:3], idx, 16, 8, True, x[3], lengths, kernel=kernel),
+                    dtype),
+                   (lambda *x: naive.branch_attention(*x[:3], idx, 16, 8, True, x[3], lengths), torch.float32)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, logits)]
+        out = fn(*leaves)
+        out.backward(dout.to(dt))
+        results.append([out.detach()] + [t.grad for t in leaves])
+    errs = [rel_err(f, r) for f, r in zip(*results)]
+    assert max(errs) < TOL[dtype], errs
+
+
 def test_ltis_kernel_choice_is_validated():
     """CPU: an unknown kernel, or slot-walking tiles with blocks that are not whole chunks, is a clear error."""
     q = torch.zeros(1, 2, 40, 16)
@@ -311,10 +339,13 @@ def test_fast_dropout_gradient_is_consistent():
     idx = naive.select_blocks(q, torch.randn(1, 2, num_compressed_blocks(150, 32, 16), 16, device="cuda"),
                               torch.randn(2, 16, device="cuda"), 32, 16, 16, 4)
     slots = stis_slots(150, 8, True, "cuda")
+    logits = torch.randn(1, 150, 8, device="cuda")
     for fn in (lambda q: parallel.gathered_attention(q, k, v, slots, 1, None, 0.3, True),
                lambda q: parallel.stis_attention(q, k, v, 8, True, None, 0.3, True),
                lambda q: parallel.gathered_attention(q, k, v, idx, 16, None, 0.3, True),
-               lambda q: parallel.gathered_attention(q, k, v, idx, 16, None, 0.3, True, kernel="slots")):
+               lambda q: parallel.gathered_attention(q, k, v, idx, 16, None, 0.3, True, kernel="slots"),
+               lambda q: parallel.branch_attention(q, k, v, idx, 16, 8, True, logits, None, 0.3, True,
+                                                   kernel="slots").view(1, 150, 4, 16).transpose(1, 2)):  # fused node
         torch.manual_seed(1)
         qq = q.clone().requires_grad_()
         out = fn(qq)

@@ -67,3 +67,11 @@ def compress_blocks(k, pos, w1, b1, w2, b2, block_len, stride, impl="auto"):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (k, pos, w1, b1, w2, b2))
     fn = parallel.compress_blocks if use_fast(impl, k) and not needs_grad else naive.compress_blocks
     return fn(k, pos, w1, b1, w2, b2, block_len, stride)
+
+
+def branch_attention(q, k, v, idx, block, window, sink, logits, lengths=None, dropout_p=0.0, training=False,
+                     scale=None, impl="auto"):
+    """Both branches and the gate; see :func:`recbole_blossom.ops.naive.branch_attention` (on the GPU, one autograd
+    node for the two tensor-core branches and the gate)."""
+    fn = parallel.branch_attention if use_fast(impl, q) else naive.branch_attention
+    return fn(q, k, v, idx, block, window, sink, logits, lengths, dropout_p, training, scale)

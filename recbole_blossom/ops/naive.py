@@ -267,6 +267,17 @@ def gate_combine(logits, ltis, stis):
     return (g[:, :H] * ltis + g[:, H:] * stis).transpose(1, 2).flatten(2)
 
 
+def branch_attention(q, k, v, idx, block, window, sink, logits, lengths=None, dropout_p=0.0, training=False,
+                     scale=None):
+    """Blossom's attention before its output projection: :func:`gate_combine` of LTIS (:func:`gathered_attention`
+    over the selected blocks ``idx`` of ``block`` keys, or :func:`causal_attention` when ``idx`` is None: every
+    block selected) and STIS (:func:`stis_attention`). ``q`` ``(B, H, L, D)``, ``k, v`` ``(B, Hkv, L, D)``,
+    ``logits`` ``(B, L, 2H)``. Returns ``(B, L, H * D)``."""
+    ltis = (causal_attention(q, k, v, lengths, dropout_p, training, scale) if idx is None else
+            gathered_attention(q, k, v, idx, block, lengths, dropout_p, training, scale))
+    return gate_combine(logits, ltis, stis_attention(q, k, v, window, sink, lengths, dropout_p, training, scale))
+
+
 def compress_blocks(k, pos, w1, b1, w2, b2, block_len, stride):
     """LTIS block compression: ``k`` ``(B, Hkv, L, D)`` -> ``(B, Hkv, Nc, D)``. Block ``i`` is keys
     ``[i * stride, i * stride + block_len)`` plus the intra-block positions ``pos`` ``(block_len, D)``, flattened

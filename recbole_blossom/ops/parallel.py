@@ -31,10 +31,13 @@
   gates, gated sum and the output projection's layout), one launch forward and one backward each.
 """
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 
+from recbole_blossom.ops import naive
 from recbole_blossom.ops.naive import cached_stis_slots, stis_slots
 
 try:
@@ -518,9 +521,11 @@ if triton is not None:
                     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
                     UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, QB: tl.constexpr,
-                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WALK: tl.constexpr):
-        """dq of the tile's rows; dk, dv of each visited chunk summed over the tile's rows in one tl.dot,
-        then added into float32 buffers with atomics (other tiles visit the same chunk)."""
+                    KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WALK: tl.constexpr,
+                    ACC_DQ: tl.constexpr):
+        """dq of the tile's rows (added to what ``DQ`` holds with ``ACC_DQ``: the second branch of a fused
+        call); dk, dv of each visited chunk summed over the tile's rows in one tl.dot, then added into float32
+        buffers with atomics (other tiles visit the same chunk)."""
         b, hkv, t, row_ok, offs_d, d_ok, row, row_mask, bh = _tile_rows(Q, L, sqb, sqh, sql, QB, HKV, G, G_P2, D,
                                                                         D_P2)
         q = tl.load(Q + row, mask=row_mask, other=0.0)
@@ -555,7 +560,10 @@ if triton is not None:
                     dq = _bwd_chunk(q, do, lse, delta, Kb, Vb, DK, DV, out_base, c, t, row_ok, row_idx, bh,
                                     offs_d, d_ok, L, scale, dropout_p, seed, dq, skl, svl, D, PATTERN, BLOCK, UNIFORM,
                                     WINDOW, SINK, KB, DROPOUT, PRECISION)
-        tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+        dq = dq * scale
+        if ACC_DQ:
+            dq += tl.load(DQ + row, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(DQ + row, dq.to(DQ.dtype.element_ty), mask=row_mask)
 
     # --- RoPE of q and k in one launch --------------------------------------------------------------------
     @triton.jit
@@ -800,22 +808,45 @@ def stis_tile_chunks(length, window, sink, device):
     return tile_chunks(stis_slots(length, window, sink, device), 1, length)
 
 
+def _seed(dropout_p):
+    """A Philox seed drawn from PyTorch's CPU generator (so ``torch.manual_seed`` repeats the masks); 0 without
+    dropout."""
+    return int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0.0 else 0
+
+
+def _block_forward(q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p, seed):
+    """Launch the tensor-core forward: ``out`` (``q``'s layout) and the log-sum-exp ``(B, H, L)`` float32.
+    ``q`` contiguous (its strides are also out's, dout's and dq's); ``k, v`` are read through their own strides,
+    so the views of the fused projection need no copy."""
+    B, H, L, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    _tc_fwd_kernel[_grid(q, k, plan)](q, k, v, out, lse, idx, chunks, counts, lengths, L, scale, dropout_p, seed,
+                                      *_strides(q, k, v, idx, chunks, counts), **_meta_of(q, k, idx, plan, dropout_p))
+    return out, lse
+
+
+def _block_backward(q, k, v, out, dout, lse, idx, chunks, counts, lengths, plan, scale, dropout_p, seed, dq, dkv,
+                    acc_dq):
+    """Launch the tensor-core backward: writes ``dq`` (adds to it with ``acc_dq``) and adds dk, dv into the
+    float32 ``dkv`` ``(2, B, Hkv, L, D)``."""
+    _tc_bwd_kernel[_grid(q, k, plan)](q, k, v, out, dout, dq, dkv[0], dkv[1], lse, idx, chunks, counts, lengths,
+                                      q.shape[2], scale, dropout_p, seed, *_strides(q, k, v, idx, chunks, counts),
+                                      ACC_DQ=acc_dq, **_meta_of(q, k, idx, plan, dropout_p))
+
+
+def _dense_inputs(q, k, v):
+    return q.contiguous(), _last_dim_dense(k), _last_dim_dense(v)
+
+
 class _BlockAttention(torch.autograd.Function):
     """Forward and backward of :func:`gathered_attention` / :func:`stis_attention` on tensor cores."""
 
     @staticmethod
-    def forward(ctx, q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p):
-        # q contiguous (its strides are also out's, dout's and dq's); k and v are read through their own strides,
-        # so the (B, L, Hkv, D) views of the fused projection need no copy
-        q = q.contiguous()
-        k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
-        B, H, L, D = q.shape
-        out = torch.empty_like(q)
-        lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-        seed = int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0.0 else 0
-        _tc_fwd_kernel[_grid(q, k, plan)](q, k, v, out, lse, idx, chunks, counts, lengths, L, scale, dropout_p,
-                                          seed, *_strides(q, k, v, idx, chunks, counts), **_meta(q, k, idx, plan,
-                                                                                            dropout_p))
+    def forward(ctx, q, k, v, idx, chunks, counts, plan, lengths, scale, dropout_p):
+        q, k, v = _dense_inputs(q, k, v)
+        seed = _seed(dropout_p)
+        out, lse = _block_forward(q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse, idx, chunks, counts, lengths)
         ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed = plan, scale, dropout_p, seed
         return out
@@ -823,19 +854,57 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, idx, chunks, counts, lengths = ctx.saved_tensors
-        dout = dout.contiguous()
         dq = torch.empty_like(q)
         dkv = torch.zeros(2, *k.shape, device=k.device, dtype=torch.float32)  # one fill and one cast for both
-        _tc_bwd_kernel[_grid(q, k, ctx.plan)](q, k, v, out, dout, dq, dkv[0], dkv[1], lse, idx, chunks, counts,
-                                              lengths, q.shape[2], ctx.scale, ctx.dropout_p, ctx.seed,
-                                              *_strides(q, k, v, idx, chunks, counts),
-                                              **_meta(q, k, idx, ctx.plan, ctx.dropout_p))
+        _block_backward(q, k, v, out, dout.contiguous(), lse, idx, chunks, counts, lengths, ctx.plan, ctx.scale,
+                        ctx.dropout_p, ctx.seed, dq, dkv, False)
         dk, dv = dkv.to(k.dtype).unbind(0)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
+class _BranchAttention(torch.autograd.Function):
+    """:func:`branch_attention` in one autograd node: LTIS and STIS forward, the gate; backward: the gate, then
+    both branches' kernels into one dq (the second adds) and one dk/dv buffer (one fill, one cast). One node
+    instead of three saves the host the Python of two autograd calls and of the gradient sums each way."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, logits, lengths, idx, chunks, counts, plan, s_idx, s_chunks, s_counts, s_plan, scale,
+                dropout_p):
+        q, k, v = _dense_inputs(q, k, v)
+        logits = _last_dim_dense(logits)
+        seed = _seed(dropout_p)  # LTIS draws with key seed, STIS with seed + 1: two independent Philox streams
+        ltis, lse = _block_forward(q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p, seed)
+        stis, s_lse = _block_forward(q, k, v, s_idx, s_chunks, s_counts, lengths, s_plan, scale, dropout_p, seed + 1)
+        B, H, L, D = q.shape
+        out = torch.empty(B, L, H * D, device=q.device, dtype=q.dtype)
+        _gate_launch(logits, ltis, stis, out, out, ltis, stis, logits, backward=False)
+        ctx.save_for_backward(q, k, v, logits, lengths, ltis, lse, idx, chunks, counts, stis, s_lse, s_idx, s_chunks,
+                              s_counts)
+        ctx.plans, ctx.scale, ctx.dropout_p, ctx.seed = (plan, s_plan), scale, dropout_p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, logits, lengths, ltis, lse, idx, chunks, counts, stis, s_lse, s_idx, s_chunks, s_counts = \
+            ctx.saved_tensors
+        dout = _last_dim_dense(dout)
+        d_ltis, d_stis = torch.empty_like(ltis), torch.empty_like(stis)
+        dlog = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
+        _gate_launch(logits, ltis, stis, dout, dout, d_ltis, d_stis, dlog, backward=True)
+        dq = torch.empty_like(q)
+        dkv = torch.zeros(2, *k.shape, device=k.device, dtype=torch.float32)
+        plan, s_plan = ctx.plans
+        p, seed = ctx.dropout_p, ctx.seed
+        _block_backward(q, k, v, ltis, d_ltis, lse, idx, chunks, counts, lengths, plan, ctx.scale, p, seed, dq, dkv,
+                        False)
+        _block_backward(q, k, v, stis, d_stis, s_lse, s_idx, s_chunks, s_counts, lengths, s_plan, ctx.scale, p,
+                        seed + 1, dq, dkv, True)
+        dk, dv = dkv.to(k.dtype).unbind(0)
+        return (dq, dk, dv, dlog.to(logits.dtype)) + (None,) * 11
+
+
 def _grid(q, k, plan):
-    return (triton.cdiv(q.shape[2], plan["qb"]), q.shape[0] * k.shape[1])
+    return (triton.cdiv(q.shape[2], plan.qb), q.shape[0] * k.shape[1])
 
 
 def _strides(q, k, v, idx, chunks, counts):
@@ -843,19 +912,30 @@ def _strides(q, k, v, idx, chunks, counts):
             *counts.stride()[:2])
 
 
-def _meta(q, k, idx, plan, dropout_p):
-    """Compile-time arguments. ``plan``: ``pattern`` ``"slots"`` (LTIS, with ``block``) or ``"stis"`` (with
+class Plan(NamedTuple):
+    """How the tensor-core kernels run: ``pattern`` ``"slots"`` (LTIS, with ``block``) or ``"stis"`` (with
     ``window, sink``), ``walk`` (how a tile finds its chunks) and ``qb`` (positions per tile)."""
-    H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
-    S = idx.shape[-1]
-    stis = plan["pattern"] == "stis"
-    block = 1 if stis else plan["block"]
-    return dict(HKV=Hkv, G=H // Hkv, G_P2=triton.next_power_of_2(H // Hkv), D=D,
-                D_P2=max(16, triton.next_power_of_2(D)), S=S, S_P2=triton.next_power_of_2(S),
-                PATTERN=1 if stis else 0, BLOCK=block, UNIFORM=block % KB == 0,
-                WINDOW=plan["window"] if stis else 0, SINK=bool(plan["sink"]) if stis else False, QB=plan["qb"],
-                KB=KB, DROPOUT=dropout_p > 0.0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                WALK=plan["walk"], num_warps=4 if plan["qb"] * triton.next_power_of_2(H // Hkv) > 16 else 2)
+    pattern: str
+    walk: int
+    qb: int
+    block: int = 1
+    window: int = 0
+    sink: bool = False
+
+
+def _meta_of(q, k, idx, plan, dropout_p):
+    return _meta(q.shape[1], k.shape[1], q.shape[3], idx.shape[-1], q.dtype == torch.float32, plan, dropout_p > 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta(H, Hkv, D, S, fp32, plan, dropout):
+    """Compile-time arguments of the tensor-core kernels (cached: building the dict cost ~13 us a launch)."""
+    stis = plan.pattern == "stis"
+    G_P2 = triton.next_power_of_2(H // Hkv)
+    return dict(HKV=Hkv, G=H // Hkv, G_P2=G_P2, D=D, D_P2=max(16, triton.next_power_of_2(D)), S=S,
+                S_P2=triton.next_power_of_2(S), PATTERN=1 if stis else 0, BLOCK=plan.block,
+                UNIFORM=plan.block % KB == 0, WINDOW=plan.window, SINK=plan.sink, QB=plan.qb, KB=KB, DROPOUT=dropout,
+                PRECISION="ieee" if fp32 else "tf32", WALK=plan.walk, num_warps=4 if plan.qb * G_P2 > 16 else 2)
 
 
 _PLACEHOLDERS = {}  # device -> tiny int32 tensors for kernel arguments a walk does not read (no launch per call)
@@ -892,35 +972,58 @@ def ltis_kernel(q, block):
     return "presence" if L <= TC_MAX_LEN else "gather"
 
 
+def _ltis_inputs(q, k, idx, block, kernel):
+    """``(idx, chunks, counts, plan)`` of the tensor-core LTIS kernels (``kernel`` ``slots`` or ``presence``),
+    broadcast to ``(B, Hkv, ...)``."""
+    if kernel == "slots":
+        chunks = _placeholder(q.device, 0)  # unused: each tile reads its own slots
+        plan = Plan("slots", walk=2, qb=max(1, 16 // triton.next_power_of_2(q.shape[1] // k.shape[1])), block=block)
+    else:
+        chunks = tile_presence(idx, block, q.shape[2])
+        plan = Plan("slots", walk=1, qb=QB, block=block)
+    counts = _placeholder(q.device, 0)[0]  # unused: only list walks (STIS) read counts
+    expand = (q.shape[0], k.shape[1])
+    idx, chunks, counts = (x.expand(*expand, *x.shape[2:]) for x in (idx, chunks, counts))
+    return idx, chunks, counts, plan
+
+
+_STIS_CHUNKS = {}  # (L, window, sink, device) -> tile chunks: the pattern depends on L only
+
+
+def _stis_inputs(q, k, window, sink):
+    """``(idx, chunks, counts, plan)`` of the tensor-core STIS kernels: a fixed chunk list per L, no slots."""
+    key = (q.shape[2], window, bool(sink), str(q.device))
+    if key not in _STIS_CHUNKS:
+        _STIS_CHUNKS[key] = stis_tile_chunks(q.shape[2], window, sink, q.device)
+    chunks, counts = _STIS_CHUNKS[key]
+    expand = (q.shape[0], k.shape[1])
+    chunks, counts = chunks.expand(*expand, *chunks.shape[2:]), counts.expand(*expand, counts.shape[-1])
+    dummy = _placeholder(q.device, -1).expand(*expand, q.shape[2], 1)  # STIS reads no slots: all empty
+    return dummy, chunks, counts, Plan("stis", walk=0, qb=QB, window=window, sink=bool(sink))
+
+
+def _ltis_kernel_checked(q, block, kernel):
+    if kernel not in LTIS_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(LTIS_KERNELS)}; got {kernel!r}")
+    kernel = ltis_kernel(q, block) if kernel == "auto" else kernel
+    if kernel == "slots" and block % KB:
+        raise ValueError(f"kernel='slots' needs blocks of whole {KB}-key chunks; got block={block}")
+    return kernel
+
+
 def gathered_attention(q, k, v, idx, block, lengths=None, dropout_p=0.0, training=False, scale=None, *,
                        kernel="auto"):
     """Triton twin of :func:`recbole_blossom.ops.naive.gathered_attention` (same arguments and result;
     ``idx`` int32, its first two dims may be broadcast with stride 0). ``kernel`` (default :func:`ltis_kernel`):
     ``presence`` / ``slots``, tensor cores over each tile's chunks (WALK 1 / 2 of the kernels); ``gather``, the
     CUDA-core kernels over each query's own gathered keys."""
-    if kernel not in LTIS_KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(LTIS_KERNELS)}; got {kernel!r}")
+    kernel = _ltis_kernel_checked(q, block, kernel)
     lengths, scale, p = _prepare(q, lengths, dropout_p, training, scale)
     idx = idx.to(torch.int32)
-    kernel = ltis_kernel(q, block) if kernel == "auto" else kernel
-    if kernel == "slots" and block % KB:
-        raise ValueError(f"kernel='slots' needs blocks of whole {KB}-key chunks; got block={block}")
-    expand = (q.shape[0], k.shape[1])
     if kernel == "gather":
+        expand = (q.shape[0], k.shape[1])
         return _GatheredAttention.apply(q, k, v, idx.expand(*expand, *idx.shape[2:]), lengths, block, scale, p)
-    plan = dict(pattern="slots", block=block)
-    if kernel == "slots":
-        chunks = _placeholder(q.device, 0)  # unused: each tile reads its own slots
-        plan.update(walk=2, qb=max(1, 16 // triton.next_power_of_2(q.shape[1] // k.shape[1])))
-    else:
-        chunks = tile_presence(idx, block, q.shape[2])
-        plan.update(walk=1, qb=QB)
-    counts = _placeholder(q.device, 0)[0]  # unused: only list walks (STIS) read counts
-    idx, chunks, counts = (x.expand(*expand, *x.shape[2:]) for x in (idx, chunks, counts))
-    return _BlockAttention.apply(q, k, v, idx, chunks, counts, lengths, plan, scale, p)
-
-
-_STIS_CHUNKS = {}  # (L, window, sink, device) -> tile chunks: the pattern depends on L only
+    return _BlockAttention.apply(q, k, v, *_ltis_inputs(q, k, idx, block, kernel), lengths, scale, p)
 
 
 def stis_attention(q, k, v, window, sink, lengths=None, dropout_p=0.0, training=False, scale=None):
@@ -931,15 +1034,23 @@ def stis_attention(q, k, v, window, sink, lengths=None, dropout_p=0.0, training=
         return gathered_attention(q, k, v, cached_stis_slots(q.shape[2], window, bool(sink), str(q.device)), 1,
                                   lengths, dropout_p, training, scale)
     lengths, scale, p = _prepare(q, lengths, dropout_p, training, scale)
-    key = (q.shape[2], window, bool(sink), str(q.device))
-    if key not in _STIS_CHUNKS:
-        _STIS_CHUNKS[key] = stis_tile_chunks(q.shape[2], window, sink, q.device)
-    chunks, counts = _STIS_CHUNKS[key]
-    expand = (q.shape[0], k.shape[1])
-    chunks, counts = chunks.expand(*expand, *chunks.shape[2:]), counts.expand(*expand, counts.shape[-1])
-    dummy = _placeholder(q.device, -1).expand(*expand, q.shape[2], 1)  # STIS reads no slots: all empty
-    plan = dict(pattern="stis", window=window, sink=sink, walk=0, qb=QB)
-    return _BlockAttention.apply(q, k, v, dummy, chunks, counts, lengths, plan, scale, p)
+    return _BlockAttention.apply(q, k, v, *_stis_inputs(q, k, window, sink), lengths, scale, p)
+
+
+def branch_attention(q, k, v, idx, block, window, sink, logits, lengths=None, dropout_p=0.0, training=False,
+                     scale=None, *, kernel="auto"):
+    """Triton twin of :func:`recbole_blossom.ops.naive.branch_attention`. Where both branches run on the
+    tensor-core kernels (bfloat16/float16 by default, LTIS selecting), one autograd node
+    (:class:`_BranchAttention`); otherwise the branch ops one by one (float32 by default: the exact gather
+    kernels; ``idx`` None: LTIS is causal attention). ``kernel``: as :func:`gathered_attention`'s."""
+    kernel = None if idx is None else _ltis_kernel_checked(q, block, kernel)  # auto: gather in float32
+    if kernel in (None, "gather"):
+        ltis = (naive.causal_attention(q, k, v, lengths, dropout_p, training, scale) if idx is None else
+                gathered_attention(q, k, v, idx, block, lengths, dropout_p, training, scale, kernel=kernel))
+        return gate_combine(logits, ltis, stis_attention(q, k, v, window, sink, lengths, dropout_p, training, scale))
+    lengths, scale, p = _prepare(q, lengths, dropout_p, training, scale)
+    return _BranchAttention.apply(q, k, v, logits, lengths, *_ltis_inputs(q, k, idx.to(torch.int32), block, kernel),
+                                  *_stis_inputs(q, k, window, sink), scale, p)
 
 
 def _rope(q, k, cos, sin, sign):
