@@ -54,6 +54,16 @@ def test_fast_on_cpu_is_a_clear_error():
         attn(torch.randn(2, 20, 32), torch.tensor([20, 7]))
 
 
+def test_launch_helpers():
+    """The host-side grid helpers (plain Python stand-ins for triton.cdiv / next_power_of_2)."""
+    for n in range(1, 5000):
+        p = parallel._next_pow2(n)
+        assert p >= n and p & (p - 1) == 0 and p // 2 < n, n
+        for d in (1, 3, 16, 64):
+            assert parallel._cdiv(n, d) == math.ceil(n / d)
+    assert parallel._cdiv(0, 16) == 0
+
+
 def test_auto_on_cpu_equals_torch():
     torch.manual_seed(0)
     auto = layer("auto", hidden_size=32, n_heads=4, n_kv_heads=2).eval()

@@ -40,6 +40,17 @@ import torch
 from recbole_blossom.ops import naive
 from recbole_blossom.ops.naive import cached_stis_slots, stis_slots
 
+def _cdiv(a, b):
+    """``ceil(a / b)`` for the launch grids. Plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are
+    constexpr functions whose host-side call cost ~8 us each, about 14 a layer's forward."""
+    return -(-a // b)
+
+
+def _next_pow2(n):
+    """The smallest power of two >= ``n`` (``n >= 1``), as ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length()
+
+
 try:
     import triton
     import triton.language as tl
@@ -689,11 +700,11 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
     # the kernel converts on load: no float32 copies of q and k_cmp
     q, k_cmp, mem_key = q.detach().contiguous(), k_cmp.detach().contiguous(), mem_key.detach().contiguous()
     idx = torch.empty(B, Hkv, L, n_select + 1, dtype=torch.int32, device=q.device)
-    _select_kernel[(triton.cdiv(L, bt), B * Hkv)](
+    _select_kernel[(_cdiv(L, bt), B * Hkv)](
         q, k_cmp, mem_key, idx, L, n_cmp, scale, *q.stride()[:3], *k_cmp.stride()[:3], *idx.stride()[:3],
-        HKV=Hkv, G=H // Hkv, D=D, D_P2=max(16, triton.next_power_of_2(D)), BLOCK_LEN=block_len, STRIDE=stride,
-        SEL=select_size, N_SEL=n_select, N_SEL_P2=triton.next_power_of_2(n_select),
-        N_OV=overlap_count(block_len, stride, select_size), G_P2=triton.next_power_of_2(H // Hkv), BT=bt, BC=bc,
+        HKV=Hkv, G=H // Hkv, D=D, D_P2=max(16, _next_pow2(D)), BLOCK_LEN=block_len, STRIDE=stride,
+        SEL=select_size, N_SEL=n_select, N_SEL_P2=_next_pow2(n_select),
+        N_OV=overlap_count(block_len, stride, select_size), G_P2=_next_pow2(H // Hkv), BT=bt, BC=bc,
         PRECISION=precision, POOL=pool_heads, num_warps=num_warps)
     return idx
 
@@ -702,10 +713,10 @@ def _launch_args(q, k, idx, block):
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     n_slots = idx.shape[-1]
-    block_p2 = triton.next_power_of_2(block)
+    block_p2 = _next_pow2(block)
     chunk = max(CHUNK, block_p2)
     slots_per_chunk = chunk // block_p2
-    meta = dict(H=H, HKV=Hkv, G=H // Hkv, D=D, D_P2=triton.next_power_of_2(D), N_SLOTS=n_slots, BLOCK=block,
+    meta = dict(H=H, HKV=Hkv, G=H // Hkv, D=D, D_P2=_next_pow2(D), N_SLOTS=n_slots, BLOCK=block,
                 BLOCK_P2=block_p2, SLOTS_PER_CHUNK=slots_per_chunk, N_CHUNKS=-(-n_slots // slots_per_chunk),
                 CHUNK_=chunk)
     strides = (*q.stride()[:3], *k.stride()[:3], *idx.stride()[:3])
@@ -714,7 +725,7 @@ def _launch_args(q, k, idx, block):
 
 def _rows_per_tile(G):
     """Positions per tile of the forward/dq kernels: 32 rows of (position, head)."""
-    return max(1, 32 // triton.next_power_of_2(G))
+    return max(1, 32 // _next_pow2(G))
 
 
 class _GatheredAttention(torch.autograd.Function):
@@ -730,8 +741,8 @@ class _GatheredAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         bt = _rows_per_tile(H // Hkv)
-        _fwd_kernel[(triton.cdiv(L, bt), B * Hkv)](q, k, v, out, lse, idx, lengths, L, scale, dropout_p, seed,
-                                                   *strides, G_P2=triton.next_power_of_2(H // Hkv), BT=bt,
+        _fwd_kernel[(_cdiv(L, bt), B * Hkv)](q, k, v, out, lse, idx, lengths, L, scale, dropout_p, seed,
+                                                   *strides, G_P2=_next_pow2(H // Hkv), BT=bt,
                                                    DROPOUT=dropout_p > 0.0, num_warps=4, **meta)
         ctx.save_for_backward(q, k, v, out, lse, idx, lengths)
         ctx.block, ctx.scale, ctx.dropout_p, ctx.seed = block, scale, dropout_p, seed
@@ -748,12 +759,12 @@ class _GatheredAttention(torch.autograd.Function):
         common = (lse, delta, idx, lengths, L, ctx.scale, ctx.dropout_p, ctx.seed, *strides)
         dq = torch.empty_like(q)
         bt = _rows_per_tile(H // Hkv)
-        _bwd_dq_kernel[(triton.cdiv(L, bt), B * Hkv)](q, k, v, dout, dq, *common,
-                                                      G_P2=triton.next_power_of_2(H // Hkv), BT=bt,
+        _bwd_dq_kernel[(_cdiv(L, bt), B * Hkv)](q, k, v, dout, dq, *common,
+                                                      G_P2=_next_pow2(H // Hkv), BT=bt,
                                                       DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
         dk = torch.zeros(B, Hkv, L, D, device=q.device, dtype=torch.float32)
         dv = torch.zeros_like(dk)
-        _bwd_dkdv_kernel[(triton.cdiv(L, 16), B * Hkv)](q, k, v, dout, dk, dv, *common, BT=16,
+        _bwd_dkdv_kernel[(_cdiv(L, 16), B * Hkv)](q, k, v, dout, dk, dv, *common, BT=16,
                                                          DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
@@ -799,7 +810,7 @@ def tile_presence(idx, block, length):
     T, n_chunks = -(-length // QB), -(-length // KB)
     presence = torch.zeros(Bp, Hp, T, n_chunks, dtype=torch.uint8, device=idx.device)
     _presence_kernel[(T, Bp * Hp)](idx, presence, L, *idx.stride()[:3], *presence.stride()[:3], HP=Hp, S=S,
-                                   S_P2=triton.next_power_of_2(S), QB=QB, KB=KB, BLOCK=block, SPAN=_span(block))
+                                   S_P2=_next_pow2(S), QB=QB, KB=KB, BLOCK=block, SPAN=_span(block))
     return presence
 
 
@@ -904,7 +915,7 @@ class _BranchAttention(torch.autograd.Function):
 
 
 def _grid(q, k, plan):
-    return (triton.cdiv(q.shape[2], plan.qb), q.shape[0] * k.shape[1])
+    return (_cdiv(q.shape[2], plan.qb), q.shape[0] * k.shape[1])
 
 
 def _strides(q, k, v, idx, chunks, counts):
@@ -931,9 +942,9 @@ def _meta_of(q, k, idx, plan, dropout_p):
 def _meta(H, Hkv, D, S, fp32, plan, dropout):
     """Compile-time arguments of the tensor-core kernels (cached: building the dict cost ~13 us a launch)."""
     stis = plan.pattern == "stis"
-    G_P2 = triton.next_power_of_2(H // Hkv)
-    return dict(HKV=Hkv, G=H // Hkv, G_P2=G_P2, D=D, D_P2=max(16, triton.next_power_of_2(D)), S=S,
-                S_P2=triton.next_power_of_2(S), PATTERN=1 if stis else 0, BLOCK=plan.block,
+    G_P2 = _next_pow2(H // Hkv)
+    return dict(HKV=Hkv, G=H // Hkv, G_P2=G_P2, D=D, D_P2=max(16, _next_pow2(D)), S=S,
+                S_P2=_next_pow2(S), PATTERN=1 if stis else 0, BLOCK=plan.block,
                 UNIFORM=plan.block % KB == 0, WINDOW=plan.window, SINK=plan.sink, QB=plan.qb, KB=KB, DROPOUT=dropout,
                 PRECISION="ieee" if fp32 else "tf32", WALK=plan.walk, num_warps=4 if plan.qb * G_P2 > 16 else 2)
 
@@ -977,7 +988,7 @@ def _ltis_inputs(q, k, idx, block, kernel):
     broadcast to ``(B, Hkv, ...)``."""
     if kernel == "slots":
         chunks = _placeholder(q.device, 0)  # unused: each tile reads its own slots
-        plan = Plan("slots", walk=2, qb=max(1, 16 // triton.next_power_of_2(q.shape[1] // k.shape[1])), block=block)
+        plan = Plan("slots", walk=2, qb=max(1, 16 // _next_pow2(q.shape[1] // k.shape[1])), block=block)
     else:
         chunks = tile_presence(idx, block, q.shape[2])
         plan = Plan("slots", walk=1, qb=QB, block=block)
@@ -1060,9 +1071,9 @@ def _rope(q, k, cos, sin, sign):
     q_out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     k_out = torch.empty(B, Hkv, L, D, device=k.device, dtype=k.dtype)
     bl = 64
-    _rope_kernel[(triton.cdiv(L, bl), B * (H + Hkv))](q, k, q_out, k_out, cos, sin, L, *q.stride()[:3],
+    _rope_kernel[(_cdiv(L, bl), B * (H + Hkv))](q, k, q_out, k_out, cos, sin, L, *q.stride()[:3],
                                                        *k.stride()[:3], sign, H=H, HKV=Hkv, HALF=D // 2,
-                                                       HALF_P2=triton.next_power_of_2(D // 2), BL=bl, num_warps=2)
+                                                       HALF_P2=_next_pow2(D // 2), BL=bl, num_warps=2)
     return q_out, k_out
 
 
@@ -1090,9 +1101,9 @@ def rotary(q, k, cos, sin):
 def _gate_launch(logits, a, br, out, dout, da, db, dlog, backward):
     B, H, L, D = a.shape
     bl = 64
-    _gate_kernel[(triton.cdiv(L, bl), B * H)](logits, a, br, out, dout, da, db, dlog, L, logits.stride(0),
+    _gate_kernel[(_cdiv(L, bl), B * H)](logits, a, br, out, dout, da, db, dlog, L, logits.stride(0),
                                               logits.stride(1), out.stride(0), out.stride(1), BACKWARD=backward,
-                                              H=H, D=D, D_P2=triton.next_power_of_2(D), BL=bl, num_warps=2)
+                                              H=H, D=D, D_P2=_next_pow2(D), BL=bl, num_warps=2)
 
 
 class _GateCombine(torch.autograd.Function):
@@ -1137,8 +1148,8 @@ def compress_blocks(k, pos, w1, b1, w2, b2, block_len, stride):
         return out
     k = k if k.stride(-1) == 1 else k.contiguous()
     bc = 16
-    _compress_kernel[(triton.cdiv(n_cmp, bc), B * Hkv)](
+    _compress_kernel[(_cdiv(n_cmp, bc), B * Hkv)](
         k, pos.contiguous(), w1.contiguous(), b1, w2.contiguous(), b2, out, n_cmp, *k.stride()[:3], HKV=Hkv, D=D,
-        D_P2=max(16, triton.next_power_of_2(D)), H2_P2=max(16, triton.next_power_of_2(2 * D)),
+        D_P2=max(16, _next_pow2(D)), H2_P2=max(16, _next_pow2(2 * D)),
         BLOCK_LEN=block_len, STRIDE=stride, BC=bc, KC=64, num_warps=4)
     return out
