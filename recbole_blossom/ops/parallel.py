@@ -65,8 +65,10 @@ def available():
     return triton is not None and torch.cuda.is_available()
 
 
+@functools.lru_cache(maxsize=None)
 def overlap_count(block_len, stride, select_size):
-    """Most compressed blocks overlapping one selection block (loop bound of the selection kernel)."""
+    """Most compressed blocks overlapping one selection block (loop bound of the selection kernel; cached: it
+    is asked on every selection call)."""
     best = 0
     for j in range(4 * (block_len + select_size) // stride + 4):
         lo = max(0, (j * select_size - block_len) // stride + 1)
