@@ -633,9 +633,9 @@ if triton is not None:
             dout = tl.load(DOUT + out, mask=mask, other=0.0).to(tl.float32)
             tl.store(DA + branch, (g_a[:, None] * dout).to(DA.dtype.element_ty), mask=mask)
             tl.store(DB + branch, (g_b[:, None] * dout).to(DB.dtype.element_ty), mask=mask)
-            dlog = DLOG + b * L * 2 * H + t * 2 * H + h  # contiguous (B, L, 2H) float32
-            tl.store(dlog, tl.sum(dout * a, axis=1) * g_a * (1.0 - g_a), mask=t_ok)
-            tl.store(dlog + H, tl.sum(dout * br, axis=1) * g_b * (1.0 - g_b), mask=t_ok)
+            dlog = DLOG + b * L * 2 * H + t * 2 * H + h  # contiguous (B, L, 2H), the logits' dtype
+            tl.store(dlog, (tl.sum(dout * a, axis=1) * g_a * (1.0 - g_a)).to(DLOG.dtype.element_ty), mask=t_ok)
+            tl.store(dlog + H, (tl.sum(dout * br, axis=1) * g_b * (1.0 - g_b)).to(DLOG.dtype.element_ty), mask=t_ok)
         else:
             tl.store(OUT + out, (g_a[:, None] * a + g_b[:, None] * br).to(OUT.dtype.element_ty), mask=mask)
 
@@ -902,7 +902,7 @@ class _BranchAttention(torch.autograd.Function):
             ctx.saved_tensors
         dout = _last_dim_dense(dout)
         d_ltis, d_stis = torch.empty_like(ltis), torch.empty_like(stis)
-        dlog = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
+        dlog = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
         _gate_launch(logits, ltis, stis, dout, dout, d_ltis, d_stis, dlog, backward=True)
         dq = torch.empty_like(q)
         dkv = torch.zeros(2, *k.shape, device=k.device, dtype=torch.float32)
@@ -913,7 +913,7 @@ class _BranchAttention(torch.autograd.Function):
         _block_backward(q, k, v, stis, d_stis, s_lse, s_idx, s_chunks, s_counts, lengths, s_plan, ctx.scale, p,
                         seed + 1, dq, dkv, True)
         dk, dv = dkv.to(k.dtype).unbind(0)
-        return (dq, dk, dv, dlog.to(logits.dtype)) + (None,) * 11
+        return (dq, dk, dv, dlog) + (None,) * 11
 
 
 def _grid(q, k, plan):
@@ -1123,9 +1123,9 @@ class _GateCombine(torch.autograd.Function):
         logits, a, br = ctx.saved_tensors
         dout = _last_dim_dense(dout)
         da, db = torch.empty_like(a), torch.empty_like(br)
-        dlog = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
+        dlog = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)  # written in its dtype: no cast
         _gate_launch(logits, a, br, dout, dout, da, db, dlog, backward=True)
-        return dlog.to(logits.dtype), da, db
+        return dlog, da, db
 
 
 def _last_dim_dense(x):
