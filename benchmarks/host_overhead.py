@@ -7,13 +7,14 @@ CPU that issues it rather than by the GPU.
 
 ``step``: the bf16 training step of ``efficiency.py`` (same model, batch and settings) split into forward+loss,
 backward and optimizer, timed on the host with a sync before each step (median of 7), for Blossom-fast and
-SASRec-SDPA. ``ops``: host microseconds per call with tiny tensors (B = 2, L = 256), so the GPU never holds the
+SASRec-SDPA, with Python's garbage collector running and paused. ``ops``: host microseconds per call with tiny tensors (B = 2, L = 256), so the GPU never holds the
 host back: each Triton op of the fast path (through its public wrapper, its autograd node, and the raw kernel
 launch), one Blossom attention layer forward and forward+backward under bf16 autocast, and
 ``torch.nn.MultiheadAttention`` (fused causal attention) forward+backward for reference.
 """
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -67,13 +68,19 @@ def step_phases(name, L, n_items=20000):
 
     for _ in range(5):
         phases()
-    runs = []
-    for _ in range(7):
+    for collector in ("on", "off"):  # Python's garbage collector paused or not: its passes land in some steps
+        gc.collect()
+        if collector == "off":
+            gc.disable()
+        runs = []
+        for _ in range(7):
+            torch.cuda.synchronize()
+            runs.append(phases())
         torch.cuda.synchronize()
-        runs.append(phases())
-    torch.cuda.synchronize()
-    fwd, bwd, opt_ms = (statistics.median(r[i] for r in runs) for i in range(3))
-    print(f"{name:14s} L={L}: host ms forward+loss {fwd:.2f}, backward {bwd:.2f}, Adam {opt_ms:.2f}")
+        gc.enable()
+        fwd, bwd, opt_ms = (statistics.median(r[i] for r in runs) for i in range(3))
+        print(f"{name:14s} L={L} gc {collector:3s}: host ms forward+loss {fwd:.2f}, backward {bwd:.2f}, "
+              f"Adam {opt_ms:.2f} (slowest step {max(sum(r) for r in runs):.2f})")
 
 
 def op_costs():
