@@ -27,8 +27,13 @@
   not a specialised kernel argument, so a new seed never compiles a new kernel): one number per score in the
   float32 kernels; eight 16-bit numbers per call in the tensor-core kernels, as FlashAttention splits its
   Philox words (``p`` is then rounded up to a multiple of 1/65536).
+* :func:`branch_attention`: what the layer calls, both branches and the gate. On the tensor-core kernels one
+  autograd node (each Python autograd node and launch costs the host tens of microseconds, and the step is
+  bound by the host): LTIS and STIS forward, the gate; backward the gate, then both branches' kernels into one
+  dq and one dk/dv buffer.
 * :func:`rotary` and :func:`gate_combine`: the layer's glue around the branches (RoPE of q and k; sigmoid
   gates, gated sum and the output projection's layout), one launch forward and one backward each.
+* :func:`compress_blocks`: LTIS's block compression MLP, forward only, one launch.
 """
 
 import functools
