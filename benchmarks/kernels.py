@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recbole_blossom.ltis import num_compressed_blocks  # noqa: E402
+from recbole_blossom.ops.naive import num_compressed_blocks  # noqa: E402
 from recbole_blossom.ops import parallel  # noqa: E402
 
 

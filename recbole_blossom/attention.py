@@ -83,7 +83,7 @@ class BlossomAttention(nn.Module):
             ltis = self.ltis(q_rot, k_rot, v, item_seq_len, q_score=q_score, k_score=k_score)
             context = self.gate(input_tensor, ltis, self.stis(q_rot, k_rot, v, item_seq_len))
         else:  # what LTIS.forward, STIS.forward and the gate compute, as one op (one autograd node on the GPU)
-            idx = None if self.ltis.selects_all(q.shape[2]) else self.ltis.select(q_score, k_score)
+            idx = self.ltis.selected_blocks(q_score, k_score)  # None: LTIS is causal attention
             context = branch_attention(q_rot, k_rot, v, idx, self.ltis.select_size, self.stis.window, self.stis.sink,
                                        self.gate.proj(input_tensor), item_seq_len, self.hp.attn_dropout_prob,
                                        self.training, impl=self.runtime.blossom_impl)  # (B, L, H * D)

@@ -26,11 +26,6 @@ from recbole_blossom.ops import (causal_attention, compress_blocks, gathered_att
 from recbole_blossom.ops.naive import compressed_visibility, with_memory_slot
 
 
-def num_compressed_blocks(length, block_len, stride):
-    """Number of compression blocks that fit in ``length`` keys."""
-    return 0 if length < block_len else (length - block_len) // stride + 1
-
-
 def compressed_attention(q, k_cmp, v_cmp, mem_key, mem_value, block_len, stride, lengths=None, scale=None):
     """Attention of each query over the compressed blocks wholly in its past plus the memory slot.
 
@@ -116,6 +111,11 @@ class LTIS(nn.Module):
                                  self.select_size, self.n_select, self.chunk_size, pool=self.score_pool,
                                  impl=self.impl)
 
+    def selected_blocks(self, q_score, k_score, k_cmp=None):
+        """:meth:`select`, or None where every query selects all of its past blocks whatever the scores (LTIS is
+        then causal attention and nothing needs scoring)."""
+        return None if self.selects_all(q_score.shape[2]) else self.select(q_score, k_score, k_cmp)
+
     def forward(self, q, k, v, lengths=None, q_score=None, k_score=None):
         """``q`` ``(B, H, L, D)``, ``k, v`` ``(B, Hkv, L, D)``; blocks are scored with ``q_score, k_score``
         (default ``q, k``). Returns ``(B, H, L, D)``, rows at positions ``>= lengths`` zero."""
@@ -127,11 +127,12 @@ class LTIS(nn.Module):
             out = compressed_attention(q_score, k_cmp, self.value_compressor(v), self.memory_key,
                                        self.memory_value, self.block_len, self.stride, lengths)
             k_cmp = k_cmp.detach()
-        if self.selects_all(q.shape[2]):
+        idx = self.selected_blocks(q_score, k_score, k_cmp)
+        if idx is None:
             sparse = causal_attention(q, k, v, lengths, self.dropout_p, self.training)
         else:
-            sparse = gathered_attention(q, k, v, self.select(q_score, k_score, k_cmp), self.select_size, lengths,
-                                        self.dropout_p, self.training, impl=self.impl)
+            sparse = gathered_attention(q, k, v, idx, self.select_size, lengths, self.dropout_p, self.training,
+                                        impl=self.impl)
         return sparse + out if self.trainable_compression else sparse
 
     def extra_repr(self):

@@ -12,8 +12,9 @@ from tiny_runs import inside, tiny
 import recbole_blossom
 from recbole_blossom.attention import BlossomAttention
 from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
-from recbole_blossom.ltis import LTIS, num_compressed_blocks
+from recbole_blossom.ltis import LTIS
 from recbole_blossom.ops import naive, parallel, use_fast
+from recbole_blossom.ops.naive import num_compressed_blocks
 from recbole_blossom.rotary import rotary_cos_sin
 from recbole_blossom.stis import stis_slots
 

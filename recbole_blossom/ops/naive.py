@@ -278,13 +278,18 @@ def branch_attention(q, k, v, idx, block, window, sink, logits, lengths=None, dr
     return gate_combine(logits, ltis, stis_attention(q, k, v, window, sink, lengths, dropout_p, training, scale))
 
 
+def num_compressed_blocks(length, block_len, stride):
+    """Number of compression blocks that fit in ``length`` keys."""
+    return 0 if length < block_len else (length - block_len) // stride + 1
+
+
 def compress_blocks(k, pos, w1, b1, w2, b2, block_len, stride):
     """LTIS block compression: ``k`` ``(B, Hkv, L, D)`` -> ``(B, Hkv, Nc, D)``. Block ``i`` is keys
     ``[i * stride, i * stride + block_len)`` plus the intra-block positions ``pos`` ``(block_len, D)``, flattened
     (position-major) and put through ``Linear(w1, b1)`` ``(2D, block_len * D)``, GELU, ``Linear(w2, b2)``
     ``(D, 2D)``. ``Nc = (L - block_len) // stride + 1`` (0 when ``L < block_len``)."""
     B, Hkv, L, D = k.shape
-    n_cmp = 0 if L < block_len else (L - block_len) // stride + 1
+    n_cmp = num_compressed_blocks(L, block_len, stride)
     if n_cmp == 0:
         return k.new_zeros(B, Hkv, 0, D)
     windows = k[:, :, : (n_cmp - 1) * stride + block_len].unfold(2, block_len, stride)

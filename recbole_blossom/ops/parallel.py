@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 
 from recbole_blossom.ops import naive
-from recbole_blossom.ops.naive import cached_stis_slots, stis_slots
+from recbole_blossom.ops.naive import cached_stis_slots, num_compressed_blocks, stis_slots
 
 def _cdiv(a, b):
     """``ceil(a / b)`` for the launch grids. Plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are
@@ -749,8 +749,8 @@ class _GatheredAttention(torch.autograd.Function):
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         bt = _rows_per_tile(H // Hkv)
         _fwd_kernel[(_cdiv(L, bt), B * Hkv)](q, k, v, out, lse, idx, lengths, L, scale, dropout_p, seed,
-                                                   *strides, G_P2=_next_pow2(H // Hkv), BT=bt,
-                                                   DROPOUT=dropout_p > 0.0, num_warps=4, **meta)
+                                             *strides, G_P2=_next_pow2(H // Hkv), BT=bt,
+                                             DROPOUT=dropout_p > 0.0, num_warps=4, **meta)
         ctx.save_for_backward(q, k, v, out, lse, idx, lengths)
         ctx.block, ctx.scale, ctx.dropout_p, ctx.seed = block, scale, dropout_p, seed
         return out
@@ -766,13 +766,12 @@ class _GatheredAttention(torch.autograd.Function):
         common = (lse, delta, idx, lengths, L, ctx.scale, ctx.dropout_p, ctx.seed, *strides)
         dq = torch.empty_like(q)
         bt = _rows_per_tile(H // Hkv)
-        _bwd_dq_kernel[(_cdiv(L, bt), B * Hkv)](q, k, v, dout, dq, *common,
-                                                      G_P2=_next_pow2(H // Hkv), BT=bt,
-                                                      DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
+        _bwd_dq_kernel[(_cdiv(L, bt), B * Hkv)](q, k, v, dout, dq, *common, G_P2=_next_pow2(H // Hkv), BT=bt,
+                                                DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
         dk = torch.zeros(B, Hkv, L, D, device=q.device, dtype=torch.float32)
         dv = torch.zeros_like(dk)
         _bwd_dkdv_kernel[(_cdiv(L, 16), B * Hkv)](q, k, v, dout, dk, dv, *common, BT=16,
-                                                         DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
+                                                  DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
@@ -1079,8 +1078,8 @@ def _rope(q, k, cos, sin, sign):
     k_out = torch.empty(B, Hkv, L, D, device=k.device, dtype=k.dtype)
     bl = 64
     _rope_kernel[(_cdiv(L, bl), B * (H + Hkv))](q, k, q_out, k_out, cos, sin, L, *q.stride()[:3],
-                                                       *k.stride()[:3], sign, H=H, HKV=Hkv, HALF=D // 2,
-                                                       HALF_P2=_next_pow2(D // 2), BL=bl, num_warps=2)
+                                                *k.stride()[:3], sign, H=H, HKV=Hkv, HALF=D // 2,
+                                                HALF_P2=_next_pow2(D // 2), BL=bl, num_warps=2)
     return q_out, k_out
 
 
@@ -1109,8 +1108,8 @@ def _gate_launch(logits, a, br, out, dout, da, db, dlog, backward):
     B, H, L, D = a.shape
     bl = 64
     _gate_kernel[(_cdiv(L, bl), B * H)](logits, a, br, out, dout, da, db, dlog, L, logits.stride(0),
-                                              logits.stride(1), out.stride(0), out.stride(1), BACKWARD=backward,
-                                              H=H, D=D, D_P2=_next_pow2(D), BL=bl, num_warps=2)
+                                        logits.stride(1), out.stride(0), out.stride(1), BACKWARD=backward,
+                                        H=H, D=D, D_P2=_next_pow2(D), BL=bl, num_warps=2)
 
 
 class _GateCombine(torch.autograd.Function):
@@ -1149,7 +1148,7 @@ def compress_blocks(k, pos, w1, b1, w2, b2, block_len, stride):
     autograd): one launch instead of about ten (window copy, position add, casts of the frozen weights under
     autocast, two matrix products, GELU). Float32 arithmetic; the result has ``k``'s dtype."""
     B, Hkv, L, D = k.shape
-    n_cmp = 0 if L < block_len else (L - block_len) // stride + 1
+    n_cmp = num_compressed_blocks(L, block_len, stride)
     out = torch.empty(B, Hkv, n_cmp, D, device=k.device, dtype=k.dtype)
     if n_cmp == 0:
         return out
