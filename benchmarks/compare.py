@@ -5,7 +5,9 @@
 
 Every pair runs through the plugin's quick-start machinery (``BlossomConfig``, so ``properties/overall.yaml``
 is the shared protocol: leave-one-out in time order, CE loss over all items, early stopping on NDCG@10 with
-``stopping_step`` patience). RecBole's built-in baselines get the plugin models' size (:data:`REFERENCE`).
+``stopping_step`` patience). RecBole's built-in baselines get the plugin models' size (:data:`REFERENCE`), and
+every model trains per prefix (:data:`PROTOCOL`; BlossomSASRec's own default is every-position training) unless
+``--seq_train_mode`` or a config file names the mode.
 For each pair it records Recall@10, NDCG@10 and MRR@10 on the test split (full ranking, or 100 sampled
 negatives with ``--eval-mode uni100``), the trainable parameter count, seconds per training epoch (the
 trainer's ``_train_epoch`` timed, evaluation excluded), peak GPU memory (``torch.cuda.max_memory_allocated``
@@ -32,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from recbole.utils import get_trainer, init_logger  # noqa: E402
 
 import recbole_blossom  # noqa: E402  (applies the RecBole compatibility shims)
@@ -55,6 +58,10 @@ REFERENCE = {
     "GRU4Rec": {"embedding_size": 128, "hidden_size": 128, "num_layers": 1, "dropout_prob": 0.2,
                 "loss_type": "CE"},
 }
+# One training protocol for every pair: BlossomSASRec's own default is seq_train_mode: every_position, which
+# RecBole's baselines cannot do, so a sweep trains every model per prefix unless the command line or a config
+# file names the mode.
+PROTOCOL = {"seq_train_mode": "per_prefix"}
 
 
 class _TimeBudgetSpent(Exception):
@@ -114,6 +121,20 @@ def working_directory(path):
         os.chdir(saved)
 
 
+def _set_by_files(config_files, key):
+    """Whether one of the yaml config files sets ``key`` (a file that is no yaml mapping: no; BlossomConfig
+    reports it with its line)."""
+    for path in config_files:
+        with open(path, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f)
+            except yaml.YAMLError:
+                continue
+        if isinstance(loaded, dict) and key in loaded:
+            return True
+    return False
+
+
 def pair_settings(args, model):
     """Everything that decides a pair's result besides model and dataset (compared on resume)."""
     settings = {"config": dict(REFERENCE.get(model, {})), "overrides": cli.as_arguments(args.overrides),
@@ -129,7 +150,10 @@ def pair_settings(args, model):
 
 
 def make_config(args, model, dataset, out_dir):
-    config_dict = {**pair_settings(args, model)["config"], "data_path": os.path.abspath(args.data_path),
+    # Not part of pair_settings: it keeps the mode results made before the pin were trained in (per_prefix).
+    protocol = {key: value for key, value in PROTOCOL.items()
+                if key not in args.overrides and not _set_by_files(args.config_files, key)}
+    config_dict = {**protocol, **pair_settings(args, model)["config"], "data_path": os.path.abspath(args.data_path),
                    "checkpoint_dir": os.path.join(out_dir, "saved", dataset), "show_progress": False,
                    **cli.typed(args.overrides)}  # the command line wins, as in RecBole
     with cli.hidden_argv():

@@ -72,15 +72,18 @@ def check_data_config(config):
         raise ValueError(f"seq_train_mode is {mode!r}; allowed values: {', '.join(SEQ_TRAIN_MODES)}")
     if mode == "every_position":
         if pipeline != "windows":
-            raise ValueError("seq_train_mode every_position needs seq_pipeline: windows (got recbole)")
+            raise ValueError("seq_train_mode every_position needs seq_pipeline: windows (got recbole); "
+                             "for RecBole's pipeline set seq_train_mode: per_prefix")
         reason = _recbole_only_reason(config)
         if reason:
-            raise ValueError(f"seq_train_mode every_position is not available: {reason}")
+            raise ValueError(f"seq_train_mode every_position is not available: {reason}; "
+                             "set seq_train_mode: per_prefix")
         if config["train_neg_sample_args"]["distribution"] != "none":
             raise ValueError(
                 "seq_train_mode every_position trains with the cross-entropy loss over all items at every "
                 "position; set train_neg_sample_args: ~ (got "
-                f"{config['train_neg_sample_args']['distribution']} negative sampling)"
+                f"{config['train_neg_sample_args']['distribution']} negative sampling), or set seq_train_mode: "
+                "per_prefix"
             )
         model = MODELS.get(config["model"]) or get_model(config["model"])
         # The model's own config-aware answer when it has one (e.g. LinRec only in its causal form).

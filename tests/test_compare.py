@@ -114,3 +114,17 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, message):
     assert compare.main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # a refused run leaves no empty --out behind
+
+
+def test_one_training_mode_for_every_pair(tmp_path):
+    """BlossomSASRec's own default is every_position; a sweep trains every model per prefix unless the command
+    line or a config file names the mode."""
+    def modes(*argv):
+        args = compare.parse_args(["--models", "SASRec,BlossomSASRec", "--out", str(tmp_path / "out"), *argv])
+        return [compare.make_config(args, m, "ml-100k", str(tmp_path / "out"))["seq_train_mode"] for m in args.models]
+
+    assert modes() == ["per_prefix", "per_prefix"]
+    assert modes("--seq_train_mode=every_position")[1] == "every_position"
+    path = tmp_path / "mode.yaml"
+    path.write_text("seq_train_mode: every_position\n")
+    assert modes("--config_files", str(path))[1] == "every_position"

@@ -17,7 +17,8 @@ def test_two_process_training_gives_identical_metrics_with_either_pipeline(tmp_p
     with inside(tmp_path):
         for pipeline in ("recbole", "windows"):
             results[pipeline] = recbole_blossom.run(
-                "BlossomSASRec", "ml-100k", config_dict=tiny(tmp_path, seq_pipeline=pipeline, **FEWER), nproc=2,
+                "BlossomSASRec", "ml-100k",
+                config_dict=tiny(tmp_path, seq_pipeline=pipeline, seq_train_mode="per_prefix", **FEWER), nproc=2,
                 port=free_port())
     assert results["windows"]["test_result"] == results["recbole"]["test_result"]
     assert results["windows"]["best_valid_result"] == results["recbole"]["best_valid_result"]

@@ -8,6 +8,7 @@ from tiny_runs import TINY, inside
 
 import recbole_blossom
 from recbole_blossom import BlossomConfig, BlossomLinRec, BlossomSASRec, LinRec, SASRecSDPA
+from recbole_blossom.data import check_data_config
 from recbole_blossom.model import target_list_field
 from recbole_blossom.model.base import chunked_cross_entropy
 from recbole_blossom.quick_start import build_model, prepare
@@ -169,3 +170,20 @@ def test_trains_evaluates_and_reloads(tmp_path, model_class, overrides):
     assert type(model) is model_class and model.causal
     with torch.no_grad():
         assert torch.isfinite(model.eval().full_sort_predict(next(iter(test_data))[0].to(model.device))).all()
+
+
+def test_blossom_sasrec_trains_on_every_position_by_default():
+    """Its yaml default (measured as accurate as per_prefix, docs/comparison.md); the shared protocol's is
+    per_prefix, a user's value wins, and where every-position training cannot run the default is RecBole's rows."""
+    def mode(model, **config):
+        return BlossomConfig(model=model, dataset="ml-100k", config_dict=config)["seq_train_mode"]
+
+    assert mode("BlossomSASRec") == "every_position"
+    assert mode("SASRecSDPA") == mode("BlossomLinRec") == mode("SASRec") == "per_prefix"
+    assert mode("BlossomSASRec", seq_train_mode="per_prefix") == "per_prefix"
+    assert mode("BlossomSASRec", seq_pipeline="recbole") == "per_prefix"
+    assert mode("BlossomSASRec", loss_type="BPR") == "per_prefix"  # which gets negative sampling back
+    # a user's every_position where it cannot run is an error that names the way out
+    with pytest.raises(ValueError, match="for RecBole's pipeline set seq_train_mode: per_prefix"):
+        check_data_config(BlossomConfig(model="BlossomSASRec", dataset="ml-100k",
+                                        config_dict={"seq_pipeline": "recbole", "seq_train_mode": "every_position"}))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
+from recbole.data.interaction import Interaction
 from recbole.model.sequential_recommender import SASRec
 from recbole.trainer import Trainer
 from recbole.utils import init_seed
@@ -180,3 +181,31 @@ def test_model_keys_are_checked_from_the_config_alone(model, key, value, message
     model_class.check_config(BlossomConfig(model=model, dataset="ml-100k"))  # the defaults pass
     with pytest.raises(ValueError, match=message):
         model_class.check_config(BlossomConfig(model=model, dataset="ml-100k", config_dict={key: value}))
+
+
+def test_predict_encodes_each_distinct_history_once(data, monkeypatch):
+    """The 100-negative protocol's batches: each history repeated with other items, rows interleaved."""
+    config, _, train_data, _, _ = data
+    model = make_model(config, train_data).eval()
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([40, 17, 3, 17])
+    seq = torch.randint(1, model.n_items, (4, 40), generator=g)
+    seq[torch.arange(40)[None, :] >= lengths[:, None]] = 0
+    seq[3, 17:] = 0
+    seq[3, :17] = seq[1, :17].flip(0)  # same length as row 1, other items: a distinct history
+    users = torch.tensor([0, 1, 2, 3, 2, 0, 1, 0])  # 8 rows of 4 distinct histories
+    items = torch.randint(1, model.n_items, (8,), generator=g)
+    batch = Interaction({model.ITEM_SEQ: seq[users], model.ITEM_SEQ_LEN: lengths[users], model.ITEM_ID: items})
+    encoded = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda s, n: encoded.append(len(s)) or forward(s, n))
+    with torch.no_grad():
+        scores = model.predict(batch)
+        expected = SASRec.predict(model, batch)  # RecBole's: one forward over all 8 rows
+    assert encoded == [4, 8]
+    assert torch.allclose(scores, expected, atol=1e-5)
+    # against an independent reference: each row's own last hidden state times its item's embedding
+    with torch.no_grad():
+        own = torch.stack([forward(seq[u:u + 1], lengths[u:u + 1])[0] @ model.item_embedding.weight[i]
+                           for u, i in zip(users.tolist(), items.tolist())])
+    assert torch.allclose(scores, own, atol=1e-5)

@@ -140,6 +140,15 @@ class AttentionSASRec(SASRec):
         """Output at the last real position: ``(B, L)``, ``(B,)`` -> ``(B, hidden)``."""
         return self.gather_indexes(self.sequence_output(item_seq, item_seq_len), item_seq_len - 1)
 
+    def predict(self, interaction):
+        """SASRec's ``predict`` (a score per row for its ``ITEM_ID``), encoding each distinct history once: the
+        sampled-negative protocol (``uni100``) asks for one user's history with 101 items as 101 identical rows."""
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        rows = torch.cat((item_seq, item_seq_len.view(-1, 1).to(item_seq.dtype)), dim=1)
+        distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        seq_output = self.forward(distinct[:, :-1], distinct[:, -1].to(item_seq_len.dtype))[inverse]
+        return (seq_output * self.item_embedding(interaction[self.ITEM_ID])).sum(dim=1)
+
     def calculate_loss(self, interaction):
         """SASRec's loss; with the every-position targets in the batch, the mean CE over every real position."""
         if self.TARGET_SEQ not in interaction:
