@@ -150,7 +150,7 @@ def pair_settings(args, model):
 
 
 def make_config(args, model, dataset, out_dir):
-    # Not part of pair_settings: it keeps the mode results made before the pin were trained in (per_prefix).
+    # Not in pair_settings: results stored before the pin (all per_prefix, the default then) still resume.
     protocol = {key: value for key, value in PROTOCOL.items()
                 if key not in args.overrides and not _set_by_files(args.config_files, key)}
     config_dict = {**protocol, **pair_settings(args, model)["config"], "data_path": os.path.abspath(args.data_path),

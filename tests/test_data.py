@@ -178,9 +178,8 @@ def test_training_with_either_pipeline_gives_identical_metrics(tmp_path):
     results = {}
     with inside(tmp_path):
         for pipeline in ("recbole", "windows"):
-            results[pipeline] = run_recbole("BlossomSASRec", "ml-100k",
-                                            config_dict=tiny(tmp_path, seq_pipeline=pipeline,
-                                                               seq_train_mode="per_prefix"))
+            config = tiny(tmp_path, seq_pipeline=pipeline, seq_train_mode="per_prefix")  # RecBole's rows, both
+            results[pipeline] = run_recbole("BlossomSASRec", "ml-100k", config_dict=config)
         assert results["windows"]["test_result"] == results["recbole"]["test_result"]
         assert results["windows"]["best_valid_result"] == results["recbole"]["best_valid_result"]
         config, _, dataset, train, _, test = load_data_and_model(results["windows"]["saved_model_file"])
