@@ -15,9 +15,10 @@ On top of RecBole's behaviour:
   added to RecBole's default ``load_col`` unless the user sets ``load_col``;
 * pairwise models (``BPR``, or ``loss_type: BPR``) get RecBole's negative sampling back unless the user sets
   ``train_neg_sample_args`` (the shared protocol turns it off for the CE loss);
-* a model whose yaml defaults to ``seq_train_mode: every_position`` (BlossomSASRec) trains per prefix where that
-  mode cannot run (``loss_type`` other than CE, negative sampling, ``seq_pipeline: recbole`` or
-  ``benchmark_filename``) unless the user sets ``seq_train_mode``; a user's ``every_position`` there is an error;
+* a model whose yaml defaults to ``seq_train_mode: every_position`` (BlossomSASRec) trains per prefix where the
+  data side refuses that mode (:func:`recbole_blossom.data.every_position_refusal`: ``seq_pipeline: recbole``,
+  negative sampling, which ``loss_type: BPR`` brings back, ``benchmark_filename``, ...) unless the user sets
+  ``seq_train_mode``; a user's ``every_position`` there is an error;
 * ``data_path`` is stored absolute, so a checkpoint's data can be found from another folder;
 * on a machine without CUDA, ``use_gpu`` reads False and ``gpu_id`` is empty (as used);
 * a multi-process run without GPUs uses gloo on the CPU (:mod:`recbole_blossom.distributed`).
@@ -42,6 +43,7 @@ from recbole.utils import get_model as recbole_get_model
 
 from recbole_blossom import distributed
 from recbole_blossom.checks import InputError, check_config_keys, check_values, required_inter_fields
+from recbole_blossom.data import every_position_refusal, seq_train_mode
 from recbole_blossom.model import MODELS
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -144,14 +146,6 @@ def _protocol_needs_sampling(model_class, final):
     return final.get("loss_type") == "BPR"
 
 
-def _every_position_runs(final):
-    """Whether every-position training can run with these settings (the data side's refusals, which name the
-    keys, are in :func:`recbole_blossom.data.check_data_config`)."""
-    sampling = final.get("train_neg_sample_args") or {}
-    return (final.get("loss_type", "CE") == "CE" and final.get("seq_pipeline", "windows") == "windows"
-            and sampling.get("distribution", "none") == "none" and not final.get("benchmark_filename"))
-
-
 class BlossomConfig(Config):
     """RecBole ``Config`` that resolves plugin model names, loads the plugin's yaml defaults and checks keys."""
 
@@ -232,9 +226,6 @@ class BlossomConfig(Config):
                 f"{self.model} trains on pairs of a positive and a sampled negative item (pairwise, e.g. BPR "
                 f"loss), but train_neg_sample_args is None in your config: remove it to get RecBole's default "
                 f"sampling, or set e.g. train_neg_sample_args: {{distribution: uniform, sample_num: 1}}")
-        if "seq_train_mode" not in user and final.get("seq_train_mode") == "every_position" \
-                and not _every_position_runs(final):
-            final["seq_train_mode"] = "per_prefix"  # the model's default, where it cannot run: RecBole's rows
         load_col = final.get("load_col")
         if "load_col" not in user and isinstance(load_col, dict) and isinstance(load_col.get("inter"), list):
             inter = list(load_col["inter"])
@@ -245,4 +236,9 @@ class BlossomConfig(Config):
     def _set_default_parameters(self):
         super()._set_default_parameters()
         self.final_config_dict["data_path"] = os.path.abspath(self.final_config_dict["data_path"])
+        # A model's default every_position where the data side refuses it: RecBole's rows (before the model's
+        # own check of its keys below, which would refuse it too).
+        if "seq_train_mode" not in self.external_config_dict and seq_train_mode(self) == "every_position" \
+                and every_position_refusal(self) is not None:
+            self.final_config_dict["seq_train_mode"] = "per_prefix"
         check_values(self.final_config_dict, set(model_defaults(self.model)))

@@ -63,6 +63,31 @@ def _recbole_only_reason(config):
     return None
 
 
+def every_position_refusal(config):
+    """Why ``seq_train_mode: every_position`` cannot run with this config (a message naming the keys), or None."""
+    if seq_pipeline(config) != "windows":
+        return ("seq_train_mode every_position needs seq_pipeline: windows (got recbole); "
+                "for RecBole's pipeline set seq_train_mode: per_prefix")
+    reason = _recbole_only_reason(config)
+    if reason:
+        return f"seq_train_mode every_position is not available: {reason}; set seq_train_mode: per_prefix"
+    # RecBole's parsed form ({distribution: none} for none), or the raw value (None) while its Config is built
+    sampling = (config["train_neg_sample_args"] or {}).get("distribution", "none")
+    if sampling != "none":
+        return ("seq_train_mode every_position trains with the cross-entropy loss over all items at every "
+                f"position; set train_neg_sample_args: ~ (got {sampling} negative sampling), or set "
+                "seq_train_mode: per_prefix")
+    model = MODELS.get(config["model"]) or get_model(config["model"])
+    # The model's own config-aware answer when it has one (e.g. LinRec only in its causal form).
+    supported = getattr(model, "every_position_supported", None)
+    if not (supported(config) if supported else getattr(model, "supports_every_position", False)):
+        able = sorted(name for name, cls in MODELS.items() if getattr(cls, "supports_every_position", False))
+        return (f"seq_train_mode every_position needs a model that predicts the next item at every position "
+                f"(class attribute supports_every_position); {config['model']} has not. "
+                f"Models that have: {', '.join(able) or 'none'}")
+    return None
+
+
 def check_data_config(config):
     """Raise ValueError naming the key when ``seq_pipeline`` / ``seq_train_mode`` cannot be honoured."""
     pipeline, mode = seq_pipeline(config), seq_train_mode(config)
@@ -70,31 +95,9 @@ def check_data_config(config):
         raise ValueError(f"seq_pipeline is {pipeline!r}; allowed values: {', '.join(SEQ_PIPELINES)}")
     if mode not in SEQ_TRAIN_MODES:
         raise ValueError(f"seq_train_mode is {mode!r}; allowed values: {', '.join(SEQ_TRAIN_MODES)}")
-    if mode == "every_position":
-        if pipeline != "windows":
-            raise ValueError("seq_train_mode every_position needs seq_pipeline: windows (got recbole); "
-                             "for RecBole's pipeline set seq_train_mode: per_prefix")
-        reason = _recbole_only_reason(config)
-        if reason:
-            raise ValueError(f"seq_train_mode every_position is not available: {reason}; "
-                             "set seq_train_mode: per_prefix")
-        if config["train_neg_sample_args"]["distribution"] != "none":
-            raise ValueError(
-                "seq_train_mode every_position trains with the cross-entropy loss over all items at every "
-                "position; set train_neg_sample_args: ~ (got "
-                f"{config['train_neg_sample_args']['distribution']} negative sampling), or set seq_train_mode: "
-                "per_prefix"
-            )
-        model = MODELS.get(config["model"]) or get_model(config["model"])
-        # The model's own config-aware answer when it has one (e.g. LinRec only in its causal form).
-        supported = getattr(model, "every_position_supported", None)
-        if not (supported(config) if supported else getattr(model, "supports_every_position", False)):
-            able = sorted(name for name, cls in MODELS.items() if getattr(cls, "supports_every_position", False))
-            raise ValueError(
-                f"seq_train_mode every_position needs a model that predicts the next item at every position "
-                f"(class attribute supports_every_position); {config['model']} has not. "
-                f"Models that have: {', '.join(able) or 'none'}"
-            )
+    refusal = every_position_refusal(config) if mode == "every_position" else None
+    if refusal:
+        raise ValueError(refusal)
 
 
 def uses_windows(config):
