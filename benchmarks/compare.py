@@ -16,7 +16,9 @@ over training and testing; ``n/a`` on CPU) and the epochs run.
 Outputs under ``--out``: ``results/<dataset>__<model>__<mode>.json`` (one a finished pair), ``results.md``,
 ``results.csv`` and ``results.png`` (``-uni100`` in the names for that mode), and RecBole's logs and
 checkpoints. A rerun skips the pairs already finished with the same settings (so an interrupted sweep
-resumes); ``--force`` reruns them. Any ``--key=value`` (or ``--key value``) not listed below overrides a
+resumes); ``--force`` reruns them. ``--resume FILE`` continues one pair from a checkpoint kept with
+``--keep-checkpoints`` (a run longer than one sitting: the table's ``epochs_run`` counts this sitting's epochs,
+``start_epoch`` where it began). Any ``--key=value`` (or ``--key value``) not listed below overrides a
 RecBole config key for every pair, e.g. ``--train_batch_size=256 --hidden_size=32`` for a small CPU run.
 """
 
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import time
 
@@ -47,7 +50,7 @@ from recbole_blossom.quick_start import build_model, make_config as make_blossom
 DEFAULT_MODELS = "GRU4Rec,SASRec,SASRecSDPA,LinRec,BlossomSASRec,BlossomLinRec"
 METRICS = ("recall@10", "ndcg@10", "mrr@10")
 COLUMNS = ("dataset", "model", "eval_mode", *METRICS, "params", "sec_per_epoch", "peak_gpu_mem_mib",
-           "epochs_run", "stopped_by", "best_valid_ndcg@10", "total_s", "device", "peak_host_rss_mib")
+           "epochs_run", "stopped_by", "best_valid_ndcg@10", "total_s", "device", "peak_host_rss_mib", "start_epoch")
 EVAL_MODES = ("full", "uni100")
 
 # RecBole's own yamls size its baselines differently (SASRec: 64 hidden, 2 heads, dropout 0.5); under the
@@ -87,6 +90,10 @@ def parse_args(argv):
     parser.add_argument("--config_files", default=None, help="space-separated yaml files applied to every pair")
     parser.add_argument("--force", action="store_true", help="rerun pairs that already have results")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each pair's best checkpoint")
+    parser.add_argument("--resume", default=None,
+                        help="continue one pair from a checkpoint kept by an earlier run (--keep-checkpoints): "
+                             "weights, optimizer state, epoch, best validation score and early-stopping count; "
+                             "the file is copied first and never changed")
     parser.add_argument("--no-plot", action="store_true", help="skip the bar chart")
     parser.add_argument("--verbose", action="store_true", help="RecBole's per-epoch log on the console")
     args, _ = cli.parse(parser, argv)
@@ -96,6 +103,11 @@ def parse_args(argv):
         raise UsageError(f"--max-train-minutes must be a positive number, got {args.max_train_minutes}")
     args.models = _names(args.models, "--models")
     args.datasets = _names(args.datasets, "--datasets")
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            raise UsageError(f"--resume: {args.resume} does not exist")
+        if len(args.models) != 1 or len(args.datasets) != 1:
+            raise UsageError("--resume continues one pair: give one model in --models and one dataset in --datasets")
     args.config_files = args.config_files.split() if args.config_files else []
     for path in args.config_files:
         if not os.path.isfile(path):
@@ -206,6 +218,16 @@ def _setup_logging(config, verbose):
             handler.setLevel(logging.WARNING)
 
 
+def _copy_to_checkpoint_dir(path, checkpoint_dir):
+    """A copy of the checkpoint to resume from: the trainer saves its improvements over the file it resumed,
+    and the user's file must stay as it was."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    copy = os.path.join(checkpoint_dir, f"{stem}-resumed-{time.strftime('%Y%m%d-%H%M%S')}{ext}")
+    shutil.copyfile(path, copy)
+    return copy
+
+
 def run_pair(args, model, dataset, out_dir):
     """Train, early-stop and test one pair; returns the row of the tables (metrics, cost, epochs)."""
     config = make_config(args, model, dataset, out_dir)
@@ -214,6 +236,8 @@ def run_pair(args, model, dataset, out_dir):
         _, train_data, valid_data, test_data = prepare(config)
         net = build_model(config, train_data)
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
+        if args.resume is not None:
+            trainer.resume_checkpoint(_copy_to_checkpoint_dir(args.resume, config["checkpoint_dir"]))
         device = torch.device(config["device"])
         epoch_times = []
         train_epoch = trainer._train_epoch
@@ -252,7 +276,7 @@ def run_pair(args, model, dataset, out_dir):
            "total_s": total, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            # the process's peak so far: the pair's own peak when it is the process's first (or only) pair
            "peak_host_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "stopped_by": stopped}
+           "stopped_by": stopped, "start_epoch": trainer.start_epoch}
     del trainer, net, train_data, valid_data, test_data
     gc.collect()
     if device.type == "cuda":
@@ -346,7 +370,7 @@ def main(argv=None):
         pairs = [(d, m) for d in args.datasets for m in args.models]
         done = {}
         for d, m in pairs:
-            stored = None if args.force else load_result(result_path(out_dir, d, m, args.eval_mode),
+            stored = None if args.force or args.resume else load_result(result_path(out_dir, d, m, args.eval_mode),
                                                          pair_settings(args, m))
             if stored is not None:
                 done[d, m] = stored["row"]

@@ -97,6 +97,26 @@ def test_interrupted_pair_is_rerun(tmp_path, small, monkeypatch):
     assert stored["row"]["model"] == "GRU4Rec" and stored["settings"]["config"]["epochs"] == 1
 
 
+def test_resume_continues_a_kept_checkpoint(tmp_path, small):
+    """--resume: the second sitting starts where the kept checkpoint ended (epoch, weights, optimizer) and
+    trains only the epochs left; the user's checkpoint file is left as it was."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv = ["--models", "GRU4Rec", "--datasets", "ml-100k", "--no-plot", *small]
+    assert compare.main([*argv, "--epochs", "1", "--keep-checkpoints", "--out", str(first)]) == 0
+    (kept,) = (first / "saved").rglob("*.pth")
+    before = kept.read_bytes()
+    assert compare.main([*argv, "--epochs", "3", "--resume", str(kept), "--out", str(second)]) == 0
+    row = json.loads((second / "results" / "ml-100k__GRU4Rec__full.json").read_text())["row"]
+    assert row["start_epoch"] == 1 and row["epochs_run"] == 2  # epochs 1 and 2 of range(1, 3)
+    assert kept.read_bytes() == before
+    first_row = json.loads((first / "results" / "ml-100k__GRU4Rec__full.json").read_text())["row"]
+    assert first_row["start_epoch"] == 0 and first_row["epochs_run"] == 1
+    # resuming into a finished --out trains again (the stored result is the sitting before)
+    assert compare.main([*argv, "--epochs", "2", "--resume", str(kept), "--out", str(first)]) == 0
+    row = json.loads((first / "results" / "ml-100k__GRU4Rec__full.json").read_text())["row"]
+    assert row["start_epoch"] == 1 and row["epochs_run"] == 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--models", "SASRec,NoSuchModel"], "model 'NoSuchModel' is unknown. Plugin models: BlossomLinRec"),
     (["--models", "SASRec", "--datasets", "no-such-data", "--data_path", "/nonexistent"],
@@ -109,6 +129,8 @@ def test_interrupted_pair_is_rerun(tmp_path, small, monkeypatch):
     (["--model=SASRec"], "--model is not an option of this command; did you mean --models?"),
     (["--models", "SASRec", "--no_plot"], "did you mean --no-plot?"),
     (["--config_files", "/nonexistent.yaml"], "--config_files: /nonexistent.yaml does not exist"),
+    (["--models", "SASRec", "--resume", "/nonexistent.pth"], "--resume: /nonexistent.pth does not exist"),
+    (["--models", "SASRec,GRU4Rec", "--resume", __file__], "--resume continues one pair: give one model"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, message):
     assert compare.main([*argv, "--out", str(tmp_path / "out")]) == 2

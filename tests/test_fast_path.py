@@ -13,6 +13,7 @@ import recbole_blossom
 from recbole_blossom.attention import BlossomAttention
 from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
 from recbole_blossom.ltis import LTIS
+from recbole_blossom.ops import launch as launch_mod
 from recbole_blossom.ops import naive, parallel, use_fast
 from recbole_blossom.ops.naive import num_compressed_blocks
 from recbole_blossom.rotary import rotary_cos_sin
@@ -342,6 +343,57 @@ def test_layer_fast_matches_torch(L, blocks, dtype):
     assert all(f <= 2 * r + 1e-2 for f, r in zip(fast_errs, ref_errs)), (fast_errs, ref_errs)
 
 
+def test_launch_key_reads_what_triton_specialises_on():
+    """CPU: the direct launch's cache key holds each int's value, float arguments by type only, and each
+    tensor's dtype and 16-byte alignment (Triton's own specialisation looks at no more than these)."""
+    x = torch.zeros(64)
+    assert launch_mod._arg_key(x) == (torch.float32, True)
+    assert launch_mod._arg_key(x[1:]) == (torch.float32, False)  # 4 bytes off: a kernel compiled without "D"
+    assert launch_mod._arg_key(x.half()) == (torch.float16, True)
+    assert launch_mod._arg_key(16) == 16 and launch_mod._arg_key(True) is True
+    assert launch_mod._arg_key(0.2) is float and launch_mod._arg_key(0.3) is float
+    with pytest.raises(TypeError, match="unsupported kernel argument of type str"):
+        launch_mod._arg_key("x")
+
+
+@gpu
+def test_direct_launch_matches_triton_launch():
+    """A bf16 layer's forward and backward through the cached direct launches (second step) give what the same
+    step through ``kernel[grid]`` gave (first step, empty caches); every kernel of the step was cached; with a
+    launch hook registered (a profiler), launches go through Triton again and the hook sees them."""
+    import triton
+    if not triton.__version__.startswith(launch_mod.DIRECT_VERSIONS):
+        pytest.skip(f"direct launches are off with Triton {triton.__version__}")
+    torch.manual_seed(0)
+    attn = layer("fast", hidden_size=128, n_heads=8, n_kv_heads=2).cuda().eval()
+    x = torch.randn(3, 300, 128, device="cuda", requires_grad=True)
+    lengths = torch.tensor([300, 150, 3], device="cuda")
+
+    def step():
+        x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = attn(x, lengths)
+        out.float().square().sum().backward()
+        return out.detach().float(), x.grad.clone()
+
+    launch_mod._CACHES.clear()
+    through_triton = step()
+    for kernel in (parallel._rope_kernel, parallel._compress_kernel, parallel._select_kernel,
+                   parallel._tc_fwd_kernel, parallel._tc_bwd_kernel, parallel._gate_kernel):
+        assert launch_mod._CACHES.get(kernel), kernel.fn.__name__
+    direct = step()
+    assert torch.equal(direct[0], through_triton[0])
+    torch.testing.assert_close(direct[1], through_triton[1], rtol=1e-3, atol=1e-5)  # float32 atomics: order
+    seen = []
+    hook = triton.knobs.runtime.launch_enter_hook
+    hook.add(seen.append)
+    try:
+        hooked = step()
+    finally:
+        hook.remove(seen.append)
+    assert torch.equal(hooked[0], through_triton[0]) and len(seen) >= 6
+
+
 @gpu
 def test_fast_dropout_gradient_is_consistent():
     """With dropout on, the backward regenerates the forward's mask: a directional derivative matches."""
@@ -395,8 +447,8 @@ def dropout_keep_mask(kernel, p, device, dtype=torch.float16, seed=3):
 @gpu
 @pytest.mark.parametrize("kernel", ["slots", "presence"])
 def test_fast_dropout_rate_and_independence(kernel):
-    """Scores are dropped at rate p, independently of the neighbouring key (which shares a Philox word), of
-    the key 8 further on (another Philox call), of the next query head and of the next query."""
+    """Scores are dropped at rate p, independently of the neighbouring key, of the key 8 further on, of the
+    next query head, of the next query and of the next batch row (each score hashes its own coordinates)."""
     p = 0.3
     keep, allowed = dropout_keep_mask(kernel, p, "cuda")
     assert not (keep & ~allowed).any()
@@ -409,7 +461,8 @@ def test_fast_dropout_rate_and_independence(kernel):
     pairs = {"key s+1": (keep[..., 1:], keep[..., :-1], allowed[..., 1:]),
              "key s+8": (keep[..., 8:], keep[..., :-8], allowed[..., 8:]),
              "head h+1": (keep[:, 1:], keep[:, :-1], allowed[:, 1:]),
-             "query t+1": (keep[:, :, 1:], keep[:, :, :-1], allowed[:, :, :-1])}
+             "query t+1": (keep[:, :, 1:], keep[:, :, :-1], allowed[:, :, :-1]),
+             "batch b+1": (keep[1:], keep[:-1], allowed[1:])}
     for name, (a, b, ok) in pairs.items():
         assert abs(both_kept(a, b, ok) - (1 - p) ** 2) < 0.015, (name, both_kept(a, b, ok), n)
     again, _ = dropout_keep_mask(kernel, p, "cuda", seed=4)

