@@ -27,7 +27,12 @@ class BranchGate(nn.Module):
             self.proj.bias[self.n_heads:].fill_(self.bias_stis)
 
     def forward(self, x, ltis, stis):
-        return gate_combine(self.proj(x), ltis, stis, impl=self.impl)
+        return self.combine(self.proj(x), ltis, stis)
+
+    def combine(self, logits, ltis, stis):
+        """The gated sum from the projection's output ``logits (B, L, 2H)`` (computed elsewhere, e.g. in one
+        matrix product with q, k and v)."""
+        return gate_combine(logits, ltis, stis, impl=self.impl)
 
 
 class BlossomAttention(nn.Module):
@@ -69,23 +74,25 @@ class BlossomAttention(nn.Module):
         return x.view(B, L, -1, self.hp.head_dim).transpose(1, 2)
 
     def project(self, x):
-        """``q (B, H, L, D)``, ``k, v (B, Hkv, L, D)``: the three projections as one matrix product (fewer
-        launches forward and backward; the parameters stay the three ``nn.Linear`` of the state dict)."""
-        layers = (self.query, self.key, self.value)
-        qkv = F.linear(x, torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers]))
-        return (self.heads(part) for part in qkv.split([m.out_features for m in layers], dim=-1))
+        """``q (B, H, L, D)``, ``k, v (B, Hkv, L, D)`` and the gate logits ``(B, L, 2H)``: the four projections of
+        the layer's input as one matrix product (fewer launches forward and backward, and one gradient of ``x``
+        instead of four to sum; the parameters stay the ``nn.Linear`` modules of the state dict)."""
+        layers = (self.query, self.key, self.value, self.gate.proj)
+        out = F.linear(x, torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers]))
+        q, k, v, logits = out.split([m.out_features for m in layers], dim=-1)
+        return self.heads(q), self.heads(k), self.heads(v), logits
 
     def forward(self, input_tensor, item_seq_len=None):
-        q, k, v = self.project(input_tensor)
+        q, k, v, logits = self.project(input_tensor)
         q_rot, k_rot = self.rotary(q, k)
         q_score, k_score = (q_rot, k_rot) if self.hp.ltis_score_rope else (q, k)
         if self.ltis.trainable_compression:  # LTIS adds its compressed branch: the branches one by one
             ltis = self.ltis(q_rot, k_rot, v, item_seq_len, q_score=q_score, k_score=k_score)
-            context = self.gate(input_tensor, ltis, self.stis(q_rot, k_rot, v, item_seq_len))
+            context = self.gate.combine(logits, ltis, self.stis(q_rot, k_rot, v, item_seq_len))
         else:  # what LTIS.forward, STIS.forward and the gate compute, as one op (one autograd node on the GPU)
             idx = self.ltis.selected_blocks(q_score, k_score)  # None: LTIS is causal attention
             context = branch_attention(q_rot, k_rot, v, idx, self.ltis.select_size, self.stis.window, self.stis.sink,
-                                       self.gate.proj(input_tensor), item_seq_len, self.hp.attn_dropout_prob,
+                                       logits, item_seq_len, self.hp.attn_dropout_prob,
                                        self.training, impl=self.runtime.blossom_impl)  # (B, L, H * D)
         hidden_states = self.out_dropout(self.dense(context))
         return self.LayerNorm(hidden_states + input_tensor)

@@ -655,10 +655,10 @@ if triton is not None:
     @triton.jit
     def _compress_kernel(K, POS, W1, B1, W2, B2, OUT, NC, skb, skh, skl, HKV: tl.constexpr, D: tl.constexpr,
                          D_P2: tl.constexpr, H2_P2: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
-                         BC: tl.constexpr, KC: tl.constexpr):
+                         BC: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr):
         """Program ``(BC compressed blocks, batch x kv head)``: ``gelu(x W1^T + b1) W2^T + b2`` of each block's
-        flattened window ``x`` (keys plus positions), float32 throughout; the windows are read straight from
-        ``K`` (nothing unfolded or copied)."""
+        flattened window ``x`` (keys plus positions), float32 values with ``PRECISION`` products; the windows
+        are read straight from ``K`` (nothing unfolded or copied)."""
         b, h = (tl.program_id(1) // HKV).to(tl.int64), tl.program_id(1) % HKV
         i = tl.program_id(0) * BC + tl.arange(0, BC)
         i_ok = i < NC
@@ -674,14 +674,14 @@ if triton is not None:
             x += tl.load(POS + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
             w1 = tl.load(W1 + f[None, :] * (BLOCK_LEN * D) + e[:, None], mask=e_ok[:, None] & f_ok[None, :],
                          other=0.0).to(tl.float32)  # (KC, 2D): W1 transposed
-            hid += tl.dot(x, w1, input_precision="ieee")
+            hid += tl.dot(x, w1, input_precision=PRECISION)
         hid += tl.load(B1 + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
         hid = 0.5 * hid * (1.0 + tl.erf(hid * 0.7071067811865476))  # exact GELU, as nn.GELU()
         o = tl.arange(0, D_P2)
         o_ok = o < D
         w2 = tl.load(W2 + o[None, :] * (2 * D) + f[:, None], mask=f_ok[:, None] & o_ok[None, :],
                      other=0.0).to(tl.float32)  # (2D, D): W2 transposed
-        out = tl.dot(hid, w2, input_precision="ieee") + tl.load(B2 + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        out = tl.dot(hid, w2, input_precision=PRECISION) + tl.load(B2 + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + (b * HKV + h) * NC * D + i[:, None] * D + o[None, :], out.to(OUT.dtype.element_ty),
                  mask=i_ok[:, None] & o_ok[None, :])
 
@@ -833,7 +833,7 @@ def stis_tile_chunks(length, window, sink, device):
 
 
 def _seed(dropout_p):
-    """A Philox seed drawn from PyTorch's CPU generator (so ``torch.manual_seed`` repeats the masks); 0 without
+    """A dropout seed drawn from PyTorch's CPU generator (so ``torch.manual_seed`` repeats the masks); 0 without
     dropout."""
     return int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0.0 else 0
 
@@ -886,6 +886,27 @@ class _BlockAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
+def _branch_forward(q, k, v, logits, lengths, idx, chunks, counts, plan, s_idx, s_chunks, s_counts, s_plan, scale,
+                    dropout_p):
+    """Both tensor-core branches and the gate, forward: ``(out, seed, dense q, k, v, logits, ltis, lse, stis,
+    s_lse)`` (what :class:`_BranchAttention` saves)."""
+    q, k, v = _dense_inputs(q, k, v)
+    logits = _last_dim_dense(logits)
+    seed = _seed(dropout_p)  # LTIS draws with key seed, STIS with seed + 1: two independent streams
+    ltis, lse = _block_forward(q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p, seed)
+    stis, s_lse = _block_forward(q, k, v, s_idx, s_chunks, s_counts, lengths, s_plan, scale, dropout_p, seed + 1)
+    B, H, L, D = q.shape
+    out = torch.empty(B, L, H * D, device=q.device, dtype=q.dtype)
+    _gate_launch(logits, ltis, stis, out, out, ltis, stis, logits, backward=False)
+    return out, seed, q, k, v, logits, ltis, lse, stis, s_lse
+
+
+def _needs_grad(*tensors):
+    """Whether autograd will want a backward of an op on ``tensors`` (else the op skips its autograd node: in
+    inference each ``Function.apply`` costs the host time and there is nothing to save)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class _BranchAttention(torch.autograd.Function):
     """:func:`branch_attention` in one autograd node: LTIS and STIS forward, the gate; backward: the gate, then
     both branches' kernels into one dq (the second adds) and one dk/dv buffer (one fill, one cast). One node
@@ -894,14 +915,8 @@ class _BranchAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, logits, lengths, idx, chunks, counts, plan, s_idx, s_chunks, s_counts, s_plan, scale,
                 dropout_p):
-        q, k, v = _dense_inputs(q, k, v)
-        logits = _last_dim_dense(logits)
-        seed = _seed(dropout_p)  # LTIS draws with key seed, STIS with seed + 1: two independent Philox streams
-        ltis, lse = _block_forward(q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p, seed)
-        stis, s_lse = _block_forward(q, k, v, s_idx, s_chunks, s_counts, lengths, s_plan, scale, dropout_p, seed + 1)
-        B, H, L, D = q.shape
-        out = torch.empty(B, L, H * D, device=q.device, dtype=q.dtype)
-        _gate_launch(logits, ltis, stis, out, out, ltis, stis, logits, backward=False)
+        out, seed, q, k, v, logits, ltis, lse, stis, s_lse = _branch_forward(
+            q, k, v, logits, lengths, idx, chunks, counts, plan, s_idx, s_chunks, s_counts, s_plan, scale, dropout_p)
         ctx.save_for_backward(q, k, v, logits, lengths, ltis, lse, idx, chunks, counts, stis, s_lse, s_idx, s_chunks,
                               s_counts)
         ctx.plans, ctx.scale, ctx.dropout_p, ctx.seed = (plan, s_plan), scale, dropout_p, seed
@@ -1073,8 +1088,11 @@ def branch_attention(q, k, v, idx, block, window, sink, logits, lengths=None, dr
                 gathered_attention(q, k, v, idx, block, lengths, dropout_p, training, scale, kernel=kernel))
         return gate_combine(logits, ltis, stis_attention(q, k, v, window, sink, lengths, dropout_p, training, scale))
     lengths, scale, p = _prepare(q, lengths, dropout_p, training, scale)
-    return _BranchAttention.apply(q, k, v, logits, lengths, *_ltis_inputs(q, k, idx.to(torch.int32), block, kernel),
-                                  *_stis_inputs(q, k, window, sink), scale, p)
+    inputs = (q, k, v, logits, lengths, *_ltis_inputs(q, k, idx.to(torch.int32), block, kernel),
+              *_stis_inputs(q, k, window, sink), scale, p)
+    if not _needs_grad(q, k, v, logits):
+        return _branch_forward(*inputs)[0]
+    return _BranchAttention.apply(*inputs)
 
 
 def _rope(q, k, cos, sin, sign):
@@ -1107,7 +1125,8 @@ class _Rotary(torch.autograd.Function):
 def rotary(q, k, cos, sin):
     """Triton twin of :func:`recbole_blossom.ops.naive.rotary`: one launch for q and k (any strides in,
     contiguous out), products in float32 (the PyTorch path multiplies in the input dtype)."""
-    return _Rotary.apply(q, k, cos.float().contiguous(), sin.float().contiguous())
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    return _Rotary.apply(q, k, cos, sin) if _needs_grad(q, k) else _rope(q, k, cos, sin, 1.0)
 
 
 def _gate_launch(logits, a, br, out, dout, da, db, dlog, backward):
@@ -1152,16 +1171,20 @@ def gate_combine(logits, ltis, stis):
 def compress_blocks(k, pos, w1, b1, w2, b2, block_len, stride):
     """Triton twin of :func:`recbole_blossom.ops.naive.compress_blocks`, forward only (LTIS scores without
     autograd): one launch instead of about ten (window copy, position add, casts of the frozen weights under
-    autocast, two matrix products, GELU). Float32 arithmetic; the result has ``k``'s dtype."""
+    autocast, two matrix products, GELU). Float32 values; the result has ``k``'s dtype. The products are exact
+    float32 for float32 ``k`` (the PyTorch path's choice of blocks); for bf16/fp16 ``k`` TF32 on tensor cores in
+    tiles of 64 blocks (the selection kernel scores them in TF32 as well: only the choice of blocks uses them),
+    where exact products on CUDA cores in tiles of 16 cost ~80 us a layer at 65,536 tokens."""
     B, Hkv, L, D = k.shape
     n_cmp = num_compressed_blocks(L, block_len, stride)
     out = torch.empty(B, Hkv, n_cmp, D, device=k.device, dtype=k.dtype)
     if n_cmp == 0:
         return out
     k = k if k.stride(-1) == 1 else k.contiguous()
-    bc = 16
+    exact = k.dtype == torch.float32
+    bc = 16 if exact else 64
     launch(_compress_kernel, (_cdiv(n_cmp, bc), B * Hkv),
            k, pos.contiguous(), w1.contiguous(), b1, w2.contiguous(), b2, out, n_cmp, *k.stride()[:3], HKV=Hkv, D=D,
            D_P2=max(16, _next_pow2(D)), H2_P2=max(16, _next_pow2(2 * D)),
-           BLOCK_LEN=block_len, STRIDE=stride, BC=bc, KC=64, num_warps=4)
+           BLOCK_LEN=block_len, STRIDE=stride, BC=bc, KC=64, PRECISION="ieee" if exact else "tf32", num_warps=4)
     return out
