@@ -1141,7 +1141,9 @@ class _GateCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, a, br):
         B, H, L, D = a.shape
-        logits, a, br = _last_dim_dense(logits), a.contiguous(), br.contiguous()
+        # a copy of the (B, L, 2H) logits, not the view of the layer's fused projection that they arrive as:
+        # saving the view would keep the whole (B, L, q + k + v + gate) output alive until the backward
+        logits, a, br = logits.contiguous(), a.contiguous(), br.contiguous()
         out = torch.empty(B, L, H * D, device=a.device, dtype=a.dtype)
         _gate_launch(logits, a, br, out, out, a, br, logits, backward=False)
         ctx.save_for_backward(logits, a, br)
