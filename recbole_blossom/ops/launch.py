@@ -6,8 +6,8 @@ Python: binding and specialising every argument, hashing the cache key, checking
 Triton 3.6, building launch metadata and calling empty enter/exit hook chains around every launch.
 
 :func:`launch` does Triton's work once per *launch key* (the meta-parameters, each tensor's dtype and 16-byte
-alignment, every int argument's value, float arguments by type) and then calls the compiled kernel's launcher
-directly. The key is at least as fine as Triton's own specialisation (which looks at an int's value only
+alignment, every int argument's value, float arguments by type), per CUDA device, and then calls the compiled
+kernel's launcher directly. The key is at least as fine as Triton's own specialisation (which looks at an int's value only
 through ``== 1``, divisibility by 16 and its width, and at a tensor only through its dtype and alignment), so a
 cached kernel is always the one Triton would pick. Arguments named in ``unkeyed`` (a kernel's
 ``do_not_specialize`` seed) are left out of the key.
@@ -29,15 +29,16 @@ DIRECT_VERSIONS = ("3.6.",)  # CompiledKernel.run(grid x3, stream, function, met
 MAX_KEYS = 4096  # a kernel's cache is cleared beyond this many launch keys (shapes that keep changing)
 
 _direct_ok = triton is not None and triton.__version__.startswith(DIRECT_VERSIONS)
-_stream = None  # (current_device, current_raw_stream), bound on the first direct launch
+_driver = None  # (current_device, current_raw_stream), bound on the first direct launch
 
 
-def _current_stream():
-    global _stream
-    if _stream is None:  # ``driver.active`` is made on first use: only once a GPU is there
-        _stream = (driver.active.get_current_device, driver.active.get_current_stream)
-    device, stream = _stream
-    return stream(device())
+def _device_and_stream():
+    """The current CUDA device and its current stream, as Triton launches on them."""
+    global _driver
+    if _driver is None:  # ``driver.active`` is made on first use: only once a GPU is there
+        _driver = (driver.active.get_current_device, driver.active.get_current_stream)
+    device = _driver[0]()
+    return device, _driver[1](device)
 
 
 def _hooks_registered():
@@ -55,7 +56,7 @@ class _Entry:
         self.tail = tail
 
 
-_CACHES = {}  # kernel -> {launch key: _Entry}
+_CACHES = {}  # (kernel, device) -> {launch key: _Entry}: a loaded kernel belongs to one device
 _UNKEYED = {}  # (kernel, names) -> positions of the unkeyed arguments
 
 
@@ -85,7 +86,8 @@ def launch(kernel, grid, *args, unkeyed=(), **meta):
         return
     skip = _unkeyed_positions(kernel, unkeyed) if unkeyed else ()
     key = (tuple(meta.items()), tuple(_arg_key(a) for i, a in enumerate(args) if i not in skip))
-    cache = _CACHES.setdefault(kernel, {})
+    device, stream = _device_and_stream()
+    cache = _CACHES.setdefault((kernel, device), {})
     entry = cache.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **meta)  # Triton binds, compiles or finds the kernel, and launches
@@ -96,5 +98,4 @@ def launch(kernel, grid, *args, unkeyed=(), **meta):
             cache[key] = _Entry(compiled, tuple(meta[name] for name in names))
         return
     g = grid + (1, 1)
-    entry.run(g[0], g[1], g[2], _current_stream(), entry.function, entry.packed, None, None, None, *args,
-              *entry.tail)
+    entry.run(g[0], g[1], g[2], stream, entry.function, entry.packed, None, None, None, *args, *entry.tail)
