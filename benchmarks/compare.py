@@ -41,7 +41,7 @@ import yaml  # noqa: E402
 from recbole.utils import get_trainer, init_logger  # noqa: E402
 
 import recbole_blossom  # noqa: E402  (applies the RecBole compatibility shims)
-from recbole_blossom import cli  # noqa: E402
+from recbole_blossom import checkpoint, cli  # noqa: E402
 from recbole_blossom.checks import check_dataset  # noqa: E402
 from recbole_blossom.cli import UsageError  # noqa: E402
 from recbole_blossom.config import get_model_class  # noqa: E402
@@ -50,7 +50,8 @@ from recbole_blossom.quick_start import build_model, make_config as make_blossom
 DEFAULT_MODELS = "GRU4Rec,SASRec,SASRecSDPA,LinRec,BlossomSASRec,BlossomLinRec"
 METRICS = ("recall@10", "ndcg@10", "mrr@10")
 COLUMNS = ("dataset", "model", "eval_mode", *METRICS, "params", "sec_per_epoch", "peak_gpu_mem_mib",
-           "epochs_run", "stopped_by", "best_valid_ndcg@10", "total_s", "device", "peak_host_rss_mib", "start_epoch")
+           "epochs_run", "stopped_by", "best_valid_ndcg@10", "total_s", "device", "peak_host_rss_mib",
+           "start_epoch")
 EVAL_MODES = ("full", "uni100")
 
 # RecBole's own yamls size its baselines differently (SASRec: 64 hidden, 2 heads, dropout 0.5); under the
@@ -107,7 +108,8 @@ def parse_args(argv):
         if not os.path.isfile(args.resume):
             raise UsageError(f"--resume: {args.resume} does not exist")
         if len(args.models) != 1 or len(args.datasets) != 1:
-            raise UsageError("--resume continues one pair: give one model in --models and one dataset in --datasets")
+            raise UsageError("--resume continues one pair: give one model in --models and one dataset in "
+                             "--datasets")
     args.config_files = args.config_files.split() if args.config_files else []
     for path in args.config_files:
         if not os.path.isfile(path):
@@ -179,6 +181,8 @@ def validate(args, out_dir):
     for dataset in args.datasets:
         configs = [make_config(args, model, dataset, out_dir) for model in args.models]
         check_dataset(configs[0])
+    if args.resume is not None:  # unreadable, or another model's: refused here, before any data is prepared
+        checkpoint.check_model(checkpoint.load(args.resume, map_location="cpu"), args.resume, args.models[0])
 
 
 def result_path(out_dir, dataset, model, eval_mode):
@@ -370,8 +374,8 @@ def main(argv=None):
         pairs = [(d, m) for d in args.datasets for m in args.models]
         done = {}
         for d, m in pairs:
-            stored = None if args.force or args.resume else load_result(result_path(out_dir, d, m, args.eval_mode),
-                                                         pair_settings(args, m))
+            stored = None if args.force or args.resume else load_result(
+                result_path(out_dir, d, m, args.eval_mode), pair_settings(args, m))
             if stored is not None:
                 done[d, m] = stored["row"]
     except recbole_blossom.USER_ERRORS as err:

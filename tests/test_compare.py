@@ -97,7 +97,7 @@ def test_interrupted_pair_is_rerun(tmp_path, small, monkeypatch):
     assert stored["row"]["model"] == "GRU4Rec" and stored["settings"]["config"]["epochs"] == 1
 
 
-def test_resume_continues_a_kept_checkpoint(tmp_path, small):
+def test_resume_continues_a_kept_checkpoint(tmp_path, small, capsys):
     """--resume: the second sitting starts where the kept checkpoint ended (epoch, weights, optimizer) and
     trains only the epochs left; the user's checkpoint file is left as it was."""
     first, second = tmp_path / "first", tmp_path / "second"
@@ -115,6 +115,10 @@ def test_resume_continues_a_kept_checkpoint(tmp_path, small):
     assert compare.main([*argv, "--epochs", "2", "--resume", str(kept), "--out", str(first)]) == 0
     row = json.loads((first / "results" / "ml-100k__GRU4Rec__full.json").read_text())["row"]
     assert row["start_epoch"] == 1 and row["epochs_run"] == 1
+    # another model's checkpoint is refused before any training, naming both models
+    assert compare.main(["--models", "LinRec", *argv[2:], "--resume", str(kept), "--out", str(tmp_path / "x")]) == 2
+    assert "holds a GRU4Rec model, but it is being loaded into a LinRec model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

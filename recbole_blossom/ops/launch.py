@@ -7,9 +7,9 @@ Triton 3.6, building launch metadata and calling empty enter/exit hook chains ar
 
 :func:`launch` does Triton's work once per *launch key* (the meta-parameters, each tensor's dtype and 16-byte
 alignment, every int argument's value, float arguments by type), per CUDA device, and then calls the compiled
-kernel's launcher directly. The key is at least as fine as Triton's own specialisation (which looks at an int's value only
-through ``== 1``, divisibility by 16 and its width, and at a tensor only through its dtype and alignment), so a
-cached kernel is always the one Triton would pick. Arguments named in ``unkeyed`` (a kernel's
+kernel's launcher directly. The key is at least as fine as Triton's own specialisation (which looks at an int's
+value only through ``== 1``, divisibility by 16 and its width, and at a tensor only through its dtype and
+alignment), so a cached kernel is always the one Triton would pick. Arguments named in ``unkeyed`` (a kernel's
 ``do_not_specialize`` seed) are left out of the key.
 
 The direct call is used only with the Triton versions whose launcher convention it was written for
