@@ -751,7 +751,7 @@ class _GatheredAttention(torch.autograd.Function):
         B, H, L, D = q.shape
         Hkv = k.shape[1]
         meta, strides = _launch_args(q, k, idx, block)
-        seed = int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0.0 else 0
+        seed = _seed(dropout_p)
         out = torch.empty_like(q)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         bt = _rows_per_tile(H // Hkv)
