@@ -14,16 +14,23 @@ What it plants (all draws from ``numpy.random.default_rng(seed)``):
 3. The history is a run of **episodes** whose lengths are uniform in ``[--episode_min, --episode_max]``. The
    episodes visit the user's interests round-robin in a fixed random order, so each interest comes back every
    ``m`` episodes, after a gap of the other ``m - 1`` episodes.
-4. An episode continues its interest's cycle exactly where that interest's previous episode stopped. So the
-   item after ``x`` is, for this user, the item that followed ``x`` the last time the user met ``x``: about
-   ``C`` steps back in that interest, i.e. about ``m * C`` steps back in the history (``3 * 128 = 384`` with the
-   defaults), and never within the last ``C`` steps of the interest. A model that sees less than that can
-   tell the interest from recent items but must guess among its ``S`` items; one that sees further can copy.
+4. ``--draws cycle`` (the default): an episode continues its interest's cycle exactly where that interest's
+   previous episode stopped. So the item after ``x`` is, for this user, the item that followed ``x`` the last
+   time the user met ``x``: about ``C`` steps back in that interest, i.e. about ``m * C`` steps back in the
+   history (``3 * 128 = 384`` with the defaults), and never within the last ``C`` steps of the interest. A
+   model that sees less than that can tell the interest from recent items but must guess among its ``S``
+   items; one that sees further can copy (an induction rule: find the previous occurrence, take its successor).
+   ``--draws random``: every item of an episode is a uniform draw (with replacement) from the interest's ``C``
+   items, the user's favourites in it. The next item is then one of the favourites, which the user's earlier
+   episodes of the interest show: with many interests (``m`` episodes a round) those lie further back than a
+   short window reaches, which sees only the items drawn so far in the current episode. A model that sees
+   them needs no order, only which items of the interest the user chose before (a bag of the past).
 5. Noise: each interaction is, with probability ``--noise``, replaced by a uniform random item (the cycle
    still advances under it, so the structure resumes right after).
 
-Measured by :func:`copy_rule`: the share of positions whose item equals the successor of the previous
-occurrence of the item before it, and the distance back to that occurrence.
+Measured by :func:`copy_rule` (cycles): the share of positions whose item equals the successor of the previous
+occurrence of the item before it, and the distance back to that occurrence; by :func:`last_seen` (random draws):
+how far back each position's item last occurred, so the share a window of ``L`` items can see.
 """
 
 import argparse
@@ -34,11 +41,13 @@ import time
 
 import numpy as np
 
-DEFAULTS = {"clusters": 50, "interests": 3, "cycle": 128, "episode_min": 16, "episode_max": 48, "noise": 0.05}
+DEFAULTS = {"clusters": 50, "interests": 3, "cycle": 128, "episode_min": 16, "episode_max": 48, "noise": 0.05,
+            "draws": "cycle"}
+DRAWS = ("cycle", "random")
 
 
 def generate(users, history, items, seed, clusters=50, interests=3, cycle=128, episode_min=16, episode_max=48,
-             noise=0.05):
+             noise=0.05, draws="cycle"):
     """``(U, H)`` int64 item ids of every user's history, in time order (see the module docstring)."""
     size = items // clusters
     if clusters < 1 or size < 1 or not 1 <= interests <= clusters or not 1 <= cycle <= size:
@@ -46,6 +55,8 @@ def generate(users, history, items, seed, clusters=50, interests=3, cycle=128, e
                          f"items // clusters ({size})")
     if not 1 <= episode_min <= episode_max or not 0 <= noise <= 1 or users < 1 or history < 1:
         raise ValueError("need users, history >= 1, 1 <= episode_min <= episode_max and 0 <= noise <= 1")
+    if draws not in DRAWS:
+        raise ValueError(f"draws is {draws!r}; allowed: {', '.join(DRAWS)}")
     rng = np.random.default_rng(seed)
     # Interests of each user (distinct clusters), in the round-robin order the episodes visit them.
     chosen = rng.permuted(np.tile(np.arange(clusters), (users, 1)), axis=1)[:, :interests]  # (U, m)
@@ -71,8 +82,11 @@ def generate(users, history, items, seed, clusters=50, interests=3, cycle=128, e
     position = np.arange(history)[None, :]
     slot = episode % interests
     user = np.arange(users)[:, None]
-    step = np.take_along_axis(before, episode, 1) + position - np.take_along_axis(starts, episode, 1)
-    index = (offsets[user, slot] + step) % cycle
+    if draws == "cycle":
+        step = np.take_along_axis(before, episode, 1) + position - np.take_along_axis(starts, episode, 1)
+        index = (offsets[user, slot] + step) % cycle
+    else:  # drawn after everything the cycles use, so a cycle set is the same with or without this option
+        index = rng.integers(0, cycle, (users, history))
     result = cycles[user, slot, index]
     if noise > 0:
         noisy = rng.random((users, history)) < noise
@@ -98,6 +112,21 @@ def copy_rule(histories):
                 distances.append(t - s - 1)
             last[prev] = t - 1
     return float(np.mean(hits)) if hits else 0.0, np.array(distances)
+
+
+def last_seen(histories):
+    """How far back each position's item last occurred in the same history: ``(U, H)`` int64, ``t - s`` for the
+    latest ``s < t`` with the same item, ``-1`` where the item is new. A window of ``L`` items sees the item's
+    earlier occurrence where ``1 <= distance <= L``."""
+    users, history = histories.shape
+    order = np.lexsort((np.arange(history)[None, :].repeat(users, 0).ravel(), histories.ravel(),
+                        np.repeat(np.arange(users), history)))  # by user, then item, then time
+    flat_user, flat_item = np.repeat(np.arange(users), history)[order], histories.ravel()[order]
+    flat_time = np.tile(np.arange(history), users)[order]
+    same = (flat_user[1:] == flat_user[:-1]) & (flat_item[1:] == flat_item[:-1])
+    out = np.full(users * history, -1, dtype=np.int64)
+    out[order[1:][same]] = (flat_time[1:] - flat_time[:-1])[same]
+    return out.reshape(users, history)
 
 
 def _digits(values, width):
@@ -156,7 +185,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="folder that gets NAME/NAME.inter (a RecBole data_path)")
     parser.add_argument("--name", default="long")
     for key, value in DEFAULTS.items():
-        parser.add_argument(f"--{key}", type=type(value), default=value)
+        parser.add_argument(f"--{key}", type=type(value), default=value, choices=DRAWS if key == "draws" else None)
     args = vars(parser.parse_args(argv))
     start = time.perf_counter()
     try:

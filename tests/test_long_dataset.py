@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from make_long_dataset import copy_rule, generate, make  # noqa: E402
+from make_long_dataset import copy_rule, generate, last_seen, make  # noqa: E402
 
 SMALL = {"clusters": 4, "interests": 3, "cycle": 20, "episode_min": 10, "episode_max": 20}
 
@@ -58,11 +58,44 @@ def test_planted_structure_is_long_range():
     assert noisy < hit_rate - 0.3
 
 
+def test_last_seen_against_a_loop():
+    histories = np.random.default_rng(0).integers(0, 6, (3, 40))
+    expected = np.full(histories.shape, -1)
+    for u, row in enumerate(histories):
+        for t in range(len(row)):
+            earlier = [s for s in range(t) if row[s] == row[t]]
+            if earlier:
+                expected[u, t] = t - earlier[-1]
+    assert (last_seen(histories) == expected).all()
+
+
+def test_random_draws_plant_favourites_far_back():
+    # 6 interests a user, episodes of 10-20: an interest's previous episode is at least 5 * 10 = 50 steps back.
+    options = {**SMALL, "interests": 6, "clusters": 8, "cycle": 8}
+    cycles = generate(8, 600, 400, seed=1, noise=0.0, **options)
+    assert (generate(8, 600, 400, seed=1, noise=0.0, draws="cycle", **options) == cycles).all()
+    histories = generate(8, 600, 400, seed=1, noise=0.0, draws="random", **options)
+    # The same favourites (each (user, interest) its cycle's items), drawn in another order.
+    assert all(set(h) == set(c) for h, c in zip(histories, cycles))
+    assert not (histories == cycles).all()
+    # Each episode's items come from one interest's 8 favourites: about every item has been seen before, and a
+    # window of 40 items (shorter than the gap between episodes of an interest) sees far fewer of them than 200.
+    distance = last_seen(histories)[:, 100:]
+    near, far = ((distance >= 1) & (distance <= 40)).mean(), ((distance >= 1) & (distance <= 200)).mean()
+    assert far > 0.97 and near < far - 0.25
+    assert last_seen(cycles)[:, 100:].min() >= options["cycle"]  # a cycle never repeats within C
+
+
 def test_bad_arguments_are_clear(tmp_path):
     script = os.path.join(ROOT, "benchmarks", "make_long_dataset.py")
     res = subprocess.run([sys.executable, script, "--users", "2", "--history", "5", "--items", "10",
                           "--cycle", "50", "--out", str(tmp_path)], capture_output=True, text=True)
     assert res.returncode == 2 and "cycle (50) <= items // clusters (0)" in res.stderr
+    res = subprocess.run([sys.executable, script, "--users", "2", "--history", "5", "--items", "10",
+                          "--draws", "shuffle", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 2 and "--draws: invalid choice: 'shuffle'" in res.stderr
+    with pytest.raises(ValueError, match="draws is 'shuffle'; allowed: cycle, random"):
+        generate(2, 5, 10, 0, clusters=1, interests=1, cycle=5, draws="shuffle")
 
 
 def run_pipeline(tmp_path, *flags):
