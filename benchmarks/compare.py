@@ -107,6 +107,7 @@ def parse_args(argv):
     if args.resume is not None:
         if not os.path.isfile(args.resume):
             raise UsageError(f"--resume: {args.resume} does not exist")
+        args.resume = os.path.abspath(args.resume)  # each pair runs in its --out folder (RecBole's logs go there)
         if len(args.models) != 1 or len(args.datasets) != 1:
             raise UsageError("--resume continues one pair: give one model in --models and one dataset in "
                              "--datasets")

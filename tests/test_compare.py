@@ -97,15 +97,17 @@ def test_interrupted_pair_is_rerun(tmp_path, small, monkeypatch):
     assert stored["row"]["model"] == "GRU4Rec" and stored["settings"]["config"]["epochs"] == 1
 
 
-def test_resume_continues_a_kept_checkpoint(tmp_path, small, capsys):
+def test_resume_continues_a_kept_checkpoint(tmp_path, small, capsys, monkeypatch):
     """--resume: the second sitting starts where the kept checkpoint ended (epoch, weights, optimizer) and
-    trains only the epochs left; the user's checkpoint file is left as it was."""
+    trains only the epochs left; the user's checkpoint file is left as it was; a path relative to the working
+    directory works (the pair itself runs in its --out folder)."""
     first, second = tmp_path / "first", tmp_path / "second"
     argv = ["--models", "GRU4Rec", "--datasets", "ml-100k", "--no-plot", *small]
     assert compare.main([*argv, "--epochs", "1", "--keep-checkpoints", "--out", str(first)]) == 0
     (kept,) = (first / "saved").rglob("*.pth")
     before = kept.read_bytes()
-    assert compare.main([*argv, "--epochs", "3", "--resume", str(kept), "--out", str(second)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert compare.main([*argv, "--epochs", "3", "--resume", str(kept.relative_to(tmp_path)), "--out", "second"]) == 0
     row = json.loads((second / "results" / "ml-100k__GRU4Rec__full.json").read_text())["row"]
     assert row["start_epoch"] == 1 and row["epochs_run"] == 2  # epochs 1 and 2 of range(1, 3)
     assert kept.read_bytes() == before
