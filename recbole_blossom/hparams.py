@@ -56,6 +56,7 @@ class BlossomHParams:
     ltis_trainable_compression: bool = False
     ltis_score_rope: bool = True  # score blocks with rotated q, k (the authors' code; a tie measured, docs/models.md)
     ltis_score_pool: str = "logits"  # logits: mean score, one softmax (the authors'); probs: mean of probabilities
+    ltis_compression: str = "mlp"  # mlp: the paper's frozen compression MLP; mean: block means of the keys (a variant)
 
     @classmethod
     def from_config(cls, config):
@@ -84,6 +85,11 @@ class BlossomHParams:
         _bools(self, ("ltis_trainable_compression", "stis_sink", "ltis_score_rope"))
         if self.ltis_score_pool not in ("probs", "logits"):
             raise ValueError(f"ltis_score_pool must be one of probs, logits, got {self.ltis_score_pool!r}")
+        if self.ltis_compression not in ("mlp", "mean"):
+            raise ValueError(f"ltis_compression must be one of mlp, mean, got {self.ltis_compression!r}")
+        if self.ltis_compression == "mean" and self.ltis_trainable_compression:
+            raise ValueError("ltis_compression: mean has no parameters to train; it needs "
+                             "ltis_trainable_compression: False")
         if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) or self.rope_base <= 1:
             raise ValueError(f"rope_base must be a number > 1, got {self.rope_base!r}")
 

@@ -12,8 +12,10 @@
    of its selected blocks, causally.
 
 Scoring only picks blocks, so (as in the authors' code) no gradient reaches the compression MLP or the
-memory key; they are frozen. The opt-in variant ``trainable_compression`` adds
-:func:`compressed_attention` to the output so that they train.
+memory key; they are frozen. Two opt-in variants (not in the paper): ``trainable_compression`` adds
+:func:`compressed_attention` to the output so that they train; ``compression="mean"`` compresses a block to the
+mean of its keys (no MLP), so a query's block score is its mean score over the block's keys, which attention
+itself trains (frozen random MLP keys carry little of what the query looks for: docs/long_histories.md).
 """
 
 import math
@@ -21,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from recbole_blossom.ops import (causal_attention, compress_blocks, gathered_attention, select_blocks,
+from recbole_blossom.ops import (causal_attention, compress_blocks, gathered_attention, mean_blocks, select_blocks,
                                  zero_padding_rows)
 from recbole_blossom.ops.naive import compressed_visibility, with_memory_slot
 
@@ -64,23 +66,44 @@ class BlockCompressor(nn.Module):
                                self.block_len, self.stride, impl=self.impl)
 
 
+class BlockMean(nn.Module):
+    """Compression without parameters: ``(B, Hkv, L, D)`` keys -> ``(B, Hkv, Nc, D)`` block means."""
+
+    def __init__(self, block_len, stride):
+        super().__init__()
+        self.block_len, self.stride = block_len, stride
+
+    def forward(self, k):
+        return mean_blocks(k, self.block_len, self.stride)
+
+
+COMPRESSIONS = ("mlp", "mean")
+
+
 class LTIS(nn.Module):
     """Long-term interest selection branch: block compression, top-n block selection, sparse attention.
 
     ``trainable_compression=False`` (default, the authors' behaviour): the compressed keys only pick blocks
-    and the compression parameters are frozen. ``True`` (a variant, not in the paper): values are
+    and the compression parameters are frozen. ``compression``: ``mlp`` (the paper's) or ``mean`` (block means
+    of the keys; only with ``trainable_compression=False``). ``True`` (a variant, not in the paper): values are
     compressed too and the output adds :func:`compressed_attention` over the compressed blocks, which
     trains the compression MLPs and the memory slot; selection still uses the (detached) compressed keys.
     """
 
     def __init__(self, head_dim, n_kv_heads, *, block_len=32, stride=16, select_size=16, n_select=4,
-                 dropout_p=0.0, chunk_size=1024, impl="auto", trainable_compression=False, score_pool="logits"):
+                 dropout_p=0.0, chunk_size=1024, impl="auto", trainable_compression=False, score_pool="logits",
+                 compression="mlp"):
         super().__init__()
+        if compression not in COMPRESSIONS or (compression != "mlp" and trainable_compression):
+            raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)} (mean only without "
+                             f"trainable_compression), got {compression!r}")
+        self.compression = compression
         self.score_pool = score_pool
         self.block_len, self.stride, self.select_size, self.n_select = block_len, stride, select_size, n_select
         self.dropout_p, self.chunk_size, self.impl = dropout_p, chunk_size, impl
         self.trainable_compression = trainable_compression
-        self.compressor = BlockCompressor(head_dim, block_len, stride, impl)
+        self.compressor = (BlockCompressor(head_dim, block_len, stride, impl) if compression == "mlp"
+                           else BlockMean(block_len, stride))
         self.memory_key = nn.Parameter(torch.zeros(n_kv_heads, head_dim))
         if trainable_compression:
             self.value_compressor = BlockCompressor(head_dim, block_len, stride, impl)
@@ -91,7 +114,8 @@ class LTIS(nn.Module):
                 p.requires_grad_(False)
 
     def reset_parameters(self, std=0.02):
-        nn.init.normal_(self.compressor.intra_block_pos, std=std)
+        if self.compression == "mlp":
+            nn.init.normal_(self.compressor.intra_block_pos, std=std)
         nn.init.normal_(self.memory_key, std=std)
         if self.trainable_compression:
             nn.init.normal_(self.value_compressor.intra_block_pos, std=std)
@@ -138,4 +162,5 @@ class LTIS(nn.Module):
     def extra_repr(self):
         return (f"block_len={self.block_len}, stride={self.stride}, select_size={self.select_size}, "
                 f"n_select={self.n_select}, impl={self.impl}, trainable_compression={self.trainable_compression}, "
+                f"compression={self.compression}, "
                 f"score_pool={self.score_pool}")

@@ -50,7 +50,10 @@ def naive_ltis_mask(q, k, ltis: LTIS):
     l, d, ls, n = ltis.block_len, ltis.stride, ltis.select_size, ltis.n_select
     comp = ltis.compressor
     starts = list(range(0, L - l + 1, d)) if L >= l else []
-    k_cmp = [comp.mlp((k[:, :, s:s + l] + comp.intra_block_pos).flatten(-2)) for s in starts]
+    if ltis.compression == "mean":  # a block's compressed key: the mean of its keys
+        k_cmp = [k[:, :, s:s + l].mean(2) for s in starts]
+    else:
+        k_cmp = [comp.mlp((k[:, :, s:s + l] + comp.intra_block_pos).flatten(-2)) for s in starts]
     mask = torch.zeros(B, Hkv, L, L, dtype=torch.bool)
     n_slc = math.ceil(L / ls)
     for t in range(L):
@@ -199,11 +202,12 @@ def small_attention(**kw):
     return attn.eval()
 
 
-@pytest.mark.parametrize("L,score_rope,pool", [(9, False, "probs"), (40, False, "probs"), (70, False, "probs"),
-                                                (70, True, "probs"), (40, True, "logits"), (70, True, "logits"),
-                                                (70, False, "logits")])
-def test_layer_matches_naive_composition(L, score_rope, pool):
-    attn = small_attention(ltis_score_rope=score_rope, ltis_score_pool=pool)
+@pytest.mark.parametrize("L,score_rope,pool,compression", [
+    (9, False, "probs", "mlp"), (40, False, "probs", "mlp"), (70, False, "probs", "mlp"), (70, True, "probs", "mlp"),
+    (40, True, "logits", "mlp"), (70, True, "logits", "mlp"), (70, False, "logits", "mlp"),
+    (70, True, "logits", "mean"), (70, False, "probs", "mean")])
+def test_layer_matches_naive_composition(L, score_rope, pool, compression):
+    attn = small_attention(ltis_score_rope=score_rope, ltis_score_pool=pool, ltis_compression=compression)
     x = torch.randn(2, L, 32)
     assert rel_err(attn(x), layer_reference(attn, x)) < 1e-5
 
@@ -217,6 +221,36 @@ def test_layer_matches_naive_composition_at_reference_sizes():
     torch.nn.init.normal_(attn.key.weight, std=0.1)
     x = torch.randn(1, 200, 128)
     assert rel_err(attn(x), layer_reference(attn, x)) < 1e-5
+
+
+def test_mean_compression_at_reference_sizes():
+    attn = small_attention(hidden_size=128, n_heads=8, n_kv_heads=2, cmp_block_len=32, cmp_stride=16,
+                           slc_block_size=16, n_slc_blocks=4, ltis_compression="mean")
+    assert not any(name.startswith("ltis.compressor") for name, _ in attn.named_parameters())
+    x = torch.randn(1, 300, 128)
+    mask = naive_ltis_mask(*[attn.rotary(attn.heads(attn.query(x)), attn.heads(attn.key(x)))[i] for i in (0, 1)],
+                           attn.ltis)
+    assert (mask != torch.ones(300, 300, dtype=torch.bool).tril()).sum() > 300  # selection is active
+    assert rel_err(attn(x), layer_reference(attn, x)) < 1e-5
+
+
+def test_mean_compression_picks_the_blocks_that_hold_what_the_query_matches():
+    """Keys that match the query planted in two far blocks (among 15 past ones, L = 256, reference block
+    sizes): with block means the query's top 4 holds both, whichever MLP the paper's variant would have."""
+    torch.manual_seed(0)
+    ltis = LTIS(head_dim=16, n_kv_heads=2, compression="mean")
+    L, t = 256, 250
+    q = torch.randn(1, 8, L, 16) * 0.1
+    k = torch.randn(1, 2, L, 16) * 0.1
+    direction = torch.randn(16)
+    direction = direction / direction.norm()
+    q[:, :, t] = 4 * direction  # every query head of both kv groups looks for ``direction``
+    for block in (2, 9):  # selection blocks of 16: positions 32..47 and 144..159
+        k[:, :, block * 16:(block + 1) * 16] += 2 * direction
+    idx = ltis.select(q, k)[0, :, t]  # (Hkv, n_select + 1)
+    for head in range(2):
+        chosen = set(idx[head].tolist())
+        assert {2, 9} <= chosen and t // 16 in chosen, chosen
 
 
 def test_selection_is_active_where_tested():

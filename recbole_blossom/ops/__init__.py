@@ -5,7 +5,8 @@
 import torch
 
 from recbole_blossom.ops import naive, parallel
-from recbole_blossom.ops.naive import causal_attention, zero_padding_rows  # noqa: F401  (the ops' public API)
+# One op for every device: the block mean is a single PyTorch reduction (no kernel of ours to pair it with).
+from recbole_blossom.ops.naive import causal_attention, mean_blocks, zero_padding_rows  # noqa: F401  (public API)
 
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -10,7 +10,8 @@ in :mod:`recbole_blossom.ops.parallel` are tested against). Same signatures as t
   positions, power-of-two distances, a sink): :func:`gathered_attention` over single-position slots.
 * :func:`rotary` -- RoPE of queries and keys (half-split layout), the layer's glue before both branches.
 * :func:`gate_combine` -- the gated sum of the two branches in the layout of the output projection.
-* :func:`compress_blocks` -- LTIS's compression MLP over overlapping key blocks.
+* :func:`compress_blocks` -- LTIS's compression MLP over overlapping key blocks (:func:`mean_blocks`: the mean
+  instead, a variant).
 """
 
 import functools
@@ -281,6 +282,17 @@ def branch_attention(q, k, v, idx, block, window, sink, logits, lengths=None, dr
 def num_compressed_blocks(length, block_len, stride):
     """Number of compression blocks that fit in ``length`` keys."""
     return 0 if length < block_len else (length - block_len) // stride + 1
+
+
+def mean_blocks(k, block_len, stride):
+    """LTIS compression without parameters (the ``ltis_compression: mean`` variant): ``k`` ``(B, Hkv, L, D)`` ->
+    ``(B, Hkv, Nc, D)``, block ``i`` the mean of keys ``[i * stride, i * stride + block_len)``. A query's score of a
+    block is then the mean of its scores of the block's keys, which the attention itself trains."""
+    B, Hkv, L, D = k.shape
+    n_cmp = num_compressed_blocks(L, block_len, stride)
+    if n_cmp == 0:
+        return k.new_zeros(B, Hkv, 0, D)
+    return k[:, :, : (n_cmp - 1) * stride + block_len].unfold(2, block_len, stride).mean(-1)
 
 
 def compress_blocks(k, pos, w1, b1, w2, b2, block_len, stride):
