@@ -30,7 +30,9 @@ What it plants (all draws from ``numpy.random.default_rng(seed)``):
 
 Measured by :func:`copy_rule` (cycles): the share of positions whose item equals the successor of the previous
 occurrence of the item before it, and the distance back to that occurrence; by :func:`last_seen` (random draws):
-how far back each position's item last occurred, so the share a window of ``L`` items can see.
+how far back each position's item last occurred, so the share a window of ``L`` items can see; by
+:func:`window_rule_recall`: Recall@10 of a rule with no training that ranks the items of the current interest
+by how often they occur in the last ``L`` items, what a window of ``L`` gives without learning anything.
 """
 
 import argparse
@@ -127,6 +129,23 @@ def last_seen(histories):
     out = np.full(users * history, -1, dtype=np.int64)
     out[order[1:][same]] = (flat_time[1:] - flat_time[:-1])[same]
     return out.reshape(users, history)
+
+
+def window_rule_recall(histories, window, size, positions, k=10):
+    """Recall@``k`` at the given ``positions`` of each history of a rule that sees the last ``window`` items: the
+    interest is that of the item before (ids ``// size``), and its items in the window are ranked by count,
+    ties by recency. ``histories`` ``(U, H)``; one hit or miss per (user, position)."""
+    hits = []
+    for row in histories:
+        for t in positions:
+            seen = row[max(0, t - window):t]
+            seen = seen[seen // size == row[t - 1] // size]
+            counts = {}
+            for age, item in enumerate(seen):  # later occurrences overwrite: recency breaks ties
+                counts[item] = (counts.get(item, (0, 0))[0] + 1, age)
+            ranked = sorted(counts, key=counts.get, reverse=True)[:k]
+            hits.append(row[t] in ranked)
+    return float(np.mean(hits))
 
 
 def _digits(values, width):

@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from make_long_dataset import copy_rule, generate, last_seen, make  # noqa: E402
+from make_long_dataset import copy_rule, generate, last_seen, make, window_rule_recall  # noqa: E402
 
 SMALL = {"clusters": 4, "interests": 3, "cycle": 20, "episode_min": 10, "episode_max": 20}
 
@@ -84,6 +84,25 @@ def test_random_draws_plant_favourites_far_back():
     near, far = ((distance >= 1) & (distance <= 40)).mean(), ((distance >= 1) & (distance <= 200)).mean()
     assert far > 0.97 and near < far - 0.25
     assert last_seen(cycles)[:, 100:].min() >= options["cycle"]  # a cycle never repeats within C
+
+
+def test_window_rule_recall_on_a_known_history():
+    # interests of 10 ids; at t = 6 the previous item (12) is interest 1: in a window of 6 its items are
+    # 11 (twice), 12, 13 -> top 2 = 11, then 12 (more recent than 13); interest-0 items are not ranked.
+    row = np.array([[11, 13, 1, 11, 2, 12, 12]])
+    assert window_rule_recall(row, 6, 10, [6], k=2) == 1.0
+    assert window_rule_recall(row, 6, 10, [6], k=1) == 0.0
+    assert window_rule_recall(row, 1, 10, [6], k=1) == 1.0  # the window holds only 12
+    row[0, 6] = 13
+    assert window_rule_recall(row, 6, 10, [6], k=2) == 0.0 and window_rule_recall(row, 6, 10, [6], k=3) == 1.0
+
+
+def test_random_draws_reward_a_long_window():
+    """The counting rule gains from a window that reaches an interest's earlier episodes."""
+    options = {**SMALL, "interests": 6, "clusters": 8, "cycle": 8}
+    histories = generate(30, 600, 400, seed=2, draws="random", **options)
+    short, long = (window_rule_recall(histories, w, 50, range(500, 600)) for w in (40, 300))
+    assert long > short + 0.15, (short, long)
 
 
 def test_bad_arguments_are_clear(tmp_path):
