@@ -84,10 +84,11 @@ class LTIS(nn.Module):
     """Long-term interest selection branch: block compression, top-n block selection, sparse attention.
 
     ``trainable_compression=False`` (default, the authors' behaviour): the compressed keys only pick blocks
-    and the compression parameters are frozen. ``compression``: ``mlp`` (the paper's) or ``mean`` (block means
-    of the keys; only with ``trainable_compression=False``). ``True`` (a variant, not in the paper): values are
+    and the compression parameters are frozen. ``True`` (a variant, not in the paper): values are
     compressed too and the output adds :func:`compressed_attention` over the compressed blocks, which
     trains the compression MLPs and the memory slot; selection still uses the (detached) compressed keys.
+    ``compression``: ``mlp`` (the paper's) or ``mean`` (a variant: block means of the keys, no parameters; only
+    with ``trainable_compression=False``).
     """
 
     def __init__(self, head_dim, n_kv_heads, *, block_len=32, stride=16, select_size=16, n_select=4,

@@ -228,8 +228,8 @@ def test_mean_compression_at_reference_sizes():
                            slc_block_size=16, n_slc_blocks=4, ltis_compression="mean")
     assert not any(name.startswith("ltis.compressor") for name, _ in attn.named_parameters())
     x = torch.randn(1, 300, 128)
-    mask = naive_ltis_mask(*[attn.rotary(attn.heads(attn.query(x)), attn.heads(attn.key(x)))[i] for i in (0, 1)],
-                           attn.ltis)
+    q_rot, k_rot = attn.rotary(attn.heads(attn.query(x)), attn.heads(attn.key(x)))
+    mask = naive_ltis_mask(q_rot, k_rot, attn.ltis)
     assert (mask != torch.ones(300, 300, dtype=torch.bool).tril()).sum() > 300  # selection is active
     assert rel_err(attn(x), layer_reference(attn, x)) < 1e-5
 
