@@ -110,6 +110,36 @@ def test_prediction_at_t_ignores_later_items(data):
     assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("compression", ["mlp", "mean"])
+def test_invariances_where_ltis_selects(data, compression):
+    """Small LTIS blocks (selection from L = 13 on: 2 of up to 9 past blocks at L = 40), either compression:
+    padding, batch and later items change nothing; ``mean`` has no compression parameters."""
+    config, _, train_data, _, _ = data
+    small = dict(cmp_block_len=8, cmp_stride=4, slc_block_size=4, n_slc_blocks=2, ltis_compression=compression)
+    saved = {key: config[key] for key in small}
+    try:
+        model = make_model(config, train_data, **small).eval()
+    finally:
+        for key, value in saved.items():
+            config[key] = value
+    ltis = model.trm_encoder.layer[0].multi_head_attention.ltis
+    assert not ltis.selects_all(40) and ltis.compression == compression
+    assert any(".compressor." in n for n, _ in model.named_parameters()) == (compression == "mlp")
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([40, 23, 5])
+    seq = torch.randint(1, model.n_items, (3, 40), generator=g)
+    seq[torch.arange(40)[None, :] >= lengths[:, None]] = 0
+    with torch.no_grad():
+        out = model(seq, lengths)
+        alone = torch.stack([model(seq[b:b + 1, :n], lengths[b:b + 1])[0] for b, n in enumerate(lengths.tolist())])
+        changed = seq.clone()
+        changed[0, 30:] = torch.randint(1, model.n_items, (10,), generator=g)
+        early = model(changed[:1], torch.tensor([30]))
+        early_ref = model(seq[:1, :30], torch.tensor([30]))
+    assert torch.allclose(out, alone, atol=1e-5)
+    assert torch.allclose(early, early_ref, atol=1e-5)
+
+
 def test_training_steps_lower_the_loss(data):
     config, _, train_data, _, _ = data
     model = make_model(config, train_data)
