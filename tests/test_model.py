@@ -84,17 +84,22 @@ def test_invalid_hyperparameter_fails_at_construction(data):
     config["n_kv_heads"] = 2
 
 
+def padded_batch(model, lengths, g):
+    """``(3, 40)`` random items, zero from each row's length on; the model's output for them; each row alone."""
+    seq = torch.randint(1, model.n_items, (len(lengths), 40), generator=g)
+    seq[torch.arange(40)[None, :] >= lengths[:, None]] = 0
+    with torch.no_grad():
+        alone = torch.stack([model(seq[b:b + 1, :n], lengths[b:b + 1])[0] for b, n in enumerate(lengths.tolist())])
+        return seq, model(seq, lengths), alone
+
+
 def test_padding_and_batch_invariance_of_the_encoding(data):
     config, _, train_data, _, _ = data
     model = make_model(config, train_data).eval()
-    g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([40, 17, 3])
-    seq = torch.randint(1, model.n_items, (3, 40), generator=g)
-    seq[torch.arange(40)[None, :] >= lengths[:, None]] = 0
+    seq, out, alone = padded_batch(model, lengths, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = model(seq, lengths)
         longer = model(torch.cat((seq, torch.zeros(3, 30, dtype=torch.long)), dim=1), lengths)  # larger max length
-        alone = torch.stack([model(seq[b:b + 1, :n], lengths[b:b + 1])[0] for b, n in enumerate(lengths.tolist())])
     assert torch.allclose(out, longer, atol=1e-5)
     assert torch.allclose(out, alone, atol=1e-5)
 
@@ -126,12 +131,8 @@ def test_invariances_where_ltis_selects(data, compression):
     assert not ltis.selects_all(40) and ltis.compression == compression
     assert any(".compressor." in n for n, _ in model.named_parameters()) == (compression == "mlp")
     g = torch.Generator().manual_seed(1)
-    lengths = torch.tensor([40, 23, 5])
-    seq = torch.randint(1, model.n_items, (3, 40), generator=g)
-    seq[torch.arange(40)[None, :] >= lengths[:, None]] = 0
+    seq, out, alone = padded_batch(model, torch.tensor([40, 23, 5]), g)
     with torch.no_grad():
-        out = model(seq, lengths)
-        alone = torch.stack([model(seq[b:b + 1, :n], lengths[b:b + 1])[0] for b, n in enumerate(lengths.tolist())])
         changed = seq.clone()
         changed[0, 30:] = torch.randint(1, model.n_items, (10,), generator=g)
         early = model(changed[:1], torch.tensor([30]))
