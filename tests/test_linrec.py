@@ -135,12 +135,13 @@ def blossom_hp(**overrides):
     return BlossomHParams(**values)
 
 
-@pytest.mark.parametrize("L, lengths, dense_max_len", [
-    (24, [24, 13, 1], 256), (24, [24, 13, 1], 8),  # LTIS selecting: as an L x L mask, and gathered
-    (5, [5, 2], 256)])  # LTIS = causal attention
-def test_blossom_linrec_layer_matches_naive_reference(L, lengths, dense_max_len):
+@pytest.mark.parametrize("L, lengths, dense_max_len, compression", [
+    (24, [24, 13, 1], 256, "mlp"), (24, [24, 13, 1], 8, "mlp"),  # LTIS selecting: as an L x L mask, and gathered
+    (24, [24, 13, 1], 8, "mean"),  # the block-mean variant selects its own blocks
+    (5, [5, 2], 256, "mlp")])  # LTIS = causal attention
+def test_blossom_linrec_layer_matches_naive_reference(L, lengths, dense_max_len, compression):
     torch.manual_seed(0)
-    layer = BlossomLinRecAttention(blossom_hp()).double()
+    layer = BlossomLinRecAttention(blossom_hp(ltis_compression=compression)).double()
     layer.dense_max_len = dense_max_len
     layer.reset_parameters()
     with torch.no_grad():
