@@ -121,10 +121,9 @@ def last_seen(histories):
     latest ``s < t`` with the same item, ``-1`` where the item is new. A window of ``L`` items sees the item's
     earlier occurrence where ``1 <= distance <= L``."""
     users, history = histories.shape
-    order = np.lexsort((np.arange(history)[None, :].repeat(users, 0).ravel(), histories.ravel(),
-                        np.repeat(np.arange(users), history)))  # by user, then item, then time
-    flat_user, flat_item = np.repeat(np.arange(users), history)[order], histories.ravel()[order]
-    flat_time = np.tile(np.arange(history), users)[order]
+    user, item, time_ = np.repeat(np.arange(users), history), histories.ravel(), np.tile(np.arange(history), users)
+    order = np.lexsort((time_, item, user))  # by user, then item, then time
+    flat_user, flat_item, flat_time = user[order], item[order], time_[order]
     same = (flat_user[1:] == flat_user[:-1]) & (flat_item[1:] == flat_item[:-1])
     out = np.full(users * history, -1, dtype=np.int64)
     out[order[1:][same]] = (flat_time[1:] - flat_time[:-1])[same]

@@ -34,6 +34,9 @@ def _bools(obj, names):
             raise ValueError(f"{key} must be true or false, got {getattr(obj, key)!r}")
 
 
+LTIS_COMPRESSIONS = ("mlp", "mean")  # the paper's compression MLP; block means of the keys (a variant)
+
+
 @dataclass
 class BlossomHParams:
     """What a Blossom attention layer computes; the names are the config keys."""
@@ -85,8 +88,9 @@ class BlossomHParams:
         _bools(self, ("ltis_trainable_compression", "stis_sink", "ltis_score_rope"))
         if self.ltis_score_pool not in ("probs", "logits"):
             raise ValueError(f"ltis_score_pool must be one of probs, logits, got {self.ltis_score_pool!r}")
-        if self.ltis_compression not in ("mlp", "mean"):
-            raise ValueError(f"ltis_compression must be one of mlp, mean, got {self.ltis_compression!r}")
+        if self.ltis_compression not in LTIS_COMPRESSIONS:
+            raise ValueError(f"ltis_compression must be one of {', '.join(LTIS_COMPRESSIONS)}, got "
+                             f"{self.ltis_compression!r}")
         if self.ltis_compression == "mean" and self.ltis_trainable_compression:
             raise ValueError("ltis_compression: mean has no parameters to train; it needs "
                              "ltis_trainable_compression: False")

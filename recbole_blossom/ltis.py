@@ -25,6 +25,7 @@ from torch import nn
 
 from recbole_blossom.ops import (causal_attention, compress_blocks, gathered_attention, mean_blocks, select_blocks,
                                  zero_padding_rows)
+from recbole_blossom.hparams import LTIS_COMPRESSIONS as COMPRESSIONS
 from recbole_blossom.ops.naive import compressed_visibility, with_memory_slot
 
 
@@ -75,9 +76,6 @@ class BlockMean(nn.Module):
 
     def forward(self, k):
         return mean_blocks(k, self.block_len, self.stride)
-
-
-COMPRESSIONS = ("mlp", "mean")
 
 
 class LTIS(nn.Module):
