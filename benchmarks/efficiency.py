@@ -5,7 +5,8 @@ Models (reference settings: hidden 128, 2 layers, 8 heads; BlossomSASRec with 2 
 * ``SASRec``: RecBole's SASRec (explicit ``L x L`` attention);
 * ``SASRec-SDPA``: the plugin's ``SASRecSDPA``, the same model with PyTorch's fused attention (causal);
 * ``LinRec``: ``recbole_blossom.model.linrec.LinRec`` when it is importable;
-* ``Blossom-torch`` / ``Blossom-fast``: BlossomSASRec with ``blossom_impl`` torch / fast.
+* ``Blossom-torch`` / ``Blossom-fast``: BlossomSASRec with ``blossom_impl`` torch / fast;
+* ``Blossom-fast-mean``: ``Blossom-fast`` with ``ltis_compression: mean`` (block means pick the blocks, no MLP).
 
 Every batch holds the same number of tokens (``--tokens``, batch = tokens // L), all sequences full length.
 A training step is forward, CE loss over all items, backward and an Adam step; an inference batch is
@@ -60,7 +61,11 @@ def model_classes():
         print(f"note: LinRec skipped ({err})")
     classes["Blossom-torch"] = (BlossomSASRec, {"blossom_impl": "torch"})
     classes["Blossom-fast"] = (BlossomSASRec, {"blossom_impl": "fast"})
+    classes["Blossom-fast-mean"] = (BlossomSASRec, {"blossom_impl": "fast", "ltis_compression": "mean"})
     return classes
+
+
+FAST_ONLY = ("Blossom-fast", "Blossom-fast-mean")
 
 
 def make_config(max_len, device, extra):
@@ -291,9 +296,13 @@ def main():
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     classes = model_classes()
+    unknown = [m for m in args.models or () if m not in classes]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; allowed: {', '.join(classes)}")
     if device.type != "cuda":
-        classes.pop("Blossom-fast")
-        print("note: Blossom-fast skipped (needs CUDA)")
+        for name in FAST_ONLY:
+            classes.pop(name)
+        print(f"note: {', '.join(FAST_ONLY)} skipped (need CUDA)")
     args.models = [m for m in (args.models or list(classes)) if m in classes]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     try:

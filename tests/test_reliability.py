@@ -6,6 +6,8 @@ import math
 import os
 import re
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -188,6 +190,15 @@ def test_model_defaults_are_the_models_own_yaml():
     assert model_defaults("SASRec")["n_heads"] == 2  # RecBole's own yaml
     assert model_defaults("NoSuchModel") == {}
     assert BlossomConfig("BlossomSASRec", "ml-100k")["n_slc_blocks"] == blossom["n_slc_blocks"]
+
+
+def test_efficiency_benchmark_refuses_an_unknown_model_name():
+    """A typo in ``--models`` is an error naming the allowed models, not a table without that model."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "efficiency.py")
+    done = subprocess.run([sys.executable, script, "--device", "cpu", "--models", "SASRec-SDPA", "Blossom-fast-maen"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--models: unknown Blossom-fast-maen; allowed:" in done.stderr and "Blossom-fast-mean" in done.stderr
 
 
 # ---------------------------------------------------------------------------- protocol defaults, device
