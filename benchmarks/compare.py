@@ -27,6 +27,7 @@ import csv
 import gc
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -268,6 +269,9 @@ def run_pair(args, model, dataset, out_dir):
         except _TimeBudgetSpent:
             stopped = "time budget"
         best_valid = trainer.best_valid_result or {}
+        if "ndcg@10" not in best_valid and trainer.valid_metric == "ndcg@10" and math.isfinite(
+                trainer.best_valid_score):  # resumed and not improved since: the checkpoint's best score
+            best_valid = {"ndcg@10": trainer.best_valid_score}
         test = trainer.evaluate(test_data, load_best_model=True, show_progress=config["show_progress"])
         total = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else "n/a"
@@ -276,7 +280,8 @@ def run_pair(args, model, dataset, out_dir):
     row = {"dataset": dataset, "model": model, "eval_mode": args.eval_mode,
            **{m: float(test[m]) if m in test else "n/a" for m in METRICS},
            "params": sum(p.numel() for p in net.parameters() if p.requires_grad),
-           "sec_per_epoch": sum(epoch_times) / len(epoch_times), "peak_gpu_mem_mib": peak,
+           "sec_per_epoch": sum(epoch_times) / len(epoch_times) if epoch_times else float("nan"),
+           "peak_gpu_mem_mib": peak,
            "epochs_run": len(epoch_times), "best_valid_ndcg@10": float(best_valid.get("ndcg@10", "nan")),
            "total_s": total, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            # the process's peak so far: the pair's own peak when it is the process's first (or only) pair

@@ -117,6 +117,10 @@ def test_resume_continues_a_kept_checkpoint(tmp_path, small, capsys, monkeypatch
     assert compare.main([*argv, "--epochs", "2", "--resume", str(kept), "--out", str(first)]) == 0
     row = json.loads((first / "results" / "ml-100k__GRU4Rec__full.json").read_text())["row"]
     assert row["start_epoch"] == 1 and row["epochs_run"] == 1
+    # a sitting that does not improve on the checkpoint reports the checkpoint's best validation score
+    assert compare.main([*argv, "--epochs", "1", "--resume", str(kept), "--out", str(tmp_path / "third")]) == 0
+    row = json.loads((tmp_path / "third" / "results" / "ml-100k__GRU4Rec__full.json").read_text())["row"]
+    assert row["epochs_run"] == 0 and row["best_valid_ndcg@10"] == first_row["best_valid_ndcg@10"] > 0
     # another model's checkpoint is refused before any training, naming both models
     assert compare.main(["--models", "LinRec", *argv[2:], "--resume", str(kept), "--out", str(tmp_path / "x")]) == 2
     assert "holds a GRU4Rec model, but it is being loaded into a LinRec model" in capsys.readouterr().err
