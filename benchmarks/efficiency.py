@@ -65,9 +65,6 @@ def model_classes():
     return classes
 
 
-FAST_ONLY = ("Blossom-fast", "Blossom-fast-mean")
-
-
 def make_config(max_len, device, extra):
     config = model_defaults("BlossomSASRec")  # the SASRec keys are the shared reference settings
     config.update(FIELDS, MAX_ITEM_LIST_LENGTH=max_len, device=device, **extra)
@@ -300,9 +297,10 @@ def main():
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; allowed: {', '.join(classes)}")
     if device.type != "cuda":
-        for name in FAST_ONLY:
+        fast = [name for name, (_, extra) in classes.items() if extra.get("blossom_impl") == "fast"]
+        for name in fast:
             classes.pop(name)
-        print(f"note: {', '.join(FAST_ONLY)} skipped (need CUDA)")
+        print(f"note: {', '.join(fast)} skipped (need CUDA)")
     args.models = [m for m in (args.models or list(classes)) if m in classes]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     try:

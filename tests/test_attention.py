@@ -189,6 +189,8 @@ def layer_reference(attn: BlossomAttention, x):
 
 
 SMALL_BLOCKS = dict(cmp_block_len=8, cmp_stride=4, slc_block_size=4, n_slc_blocks=2)  # LTIS selects from L = 13
+REFERENCE_SIZES = dict(hidden_size=128, n_heads=8, n_kv_heads=2, cmp_block_len=32, cmp_stride=16, slc_block_size=16,
+                       n_slc_blocks=4)  # LTIS selects from L = 81
 
 
 def small_attention(**kw):
@@ -215,8 +217,7 @@ def test_layer_matches_naive_composition(L, score_rope, pool, compression):
 def test_layer_matches_naive_composition_at_reference_sizes():
     """Reference sizes (hidden 128, 8 heads, 2 kv heads, blocks 32/16/16, top 4) at L = 200: 13 selection
     blocks, so most queries choose 4 of up to 12 past blocks."""
-    attn = small_attention(hidden_size=128, n_heads=8, n_kv_heads=2, cmp_block_len=32, cmp_stride=16,
-                           slc_block_size=16, n_slc_blocks=4)
+    attn = small_attention(**REFERENCE_SIZES)
     torch.nn.init.normal_(attn.query.weight, std=0.1)
     torch.nn.init.normal_(attn.key.weight, std=0.1)
     x = torch.randn(1, 200, 128)
@@ -224,8 +225,7 @@ def test_layer_matches_naive_composition_at_reference_sizes():
 
 
 def test_mean_compression_at_reference_sizes():
-    attn = small_attention(hidden_size=128, n_heads=8, n_kv_heads=2, cmp_block_len=32, cmp_stride=16,
-                           slc_block_size=16, n_slc_blocks=4, ltis_compression="mean")
+    attn = small_attention(**REFERENCE_SIZES, ltis_compression="mean")
     assert not any(name.startswith("ltis.compressor") for name, _ in attn.named_parameters())
     x = torch.randn(1, 300, 128)
     q_rot, k_rot = attn.rotary(attn.heads(attn.query(x)), attn.heads(attn.key(x)))
