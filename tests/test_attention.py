@@ -7,7 +7,7 @@ import torch
 
 import recbole_blossom  # noqa: F401  (applies the compatibility shims)
 from recbole_blossom.attention import BlossomAttention
-from recbole_blossom.hparams import BlossomHParams
+from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
 from recbole_blossom.ltis import LTIS
 from recbole_blossom.ops import naive
 from recbole_blossom.rotary import RotaryEmbedding
@@ -307,6 +307,40 @@ def test_causality():
         x2 = x.clone()
         x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
         assert torch.allclose(attn(x2)[:, : t + 1], y[:, : t + 1], atol=1e-6), t
+
+
+@pytest.mark.parametrize("compression", ["mlp", "mean"])
+def test_causality_where_ltis_selects_at_reference_sizes(compression):
+    """At the reference sizes and L = 300 (19 selection blocks, 4 picked) with block scoring in chunks of 128
+    queries, no output at a position depends on a later item, in eval and (same dropout draw) train mode, and no
+    query's block choice depends on a later key: every-position training relies on it."""
+    torch.manual_seed(0)
+    attn = BlossomAttention(BlossomHParams(**REFERENCE_SIZES, ltis_compression=compression),
+                            BlossomRuntime(ltis_chunk_size=128))
+    attn.apply(lambda m: torch.nn.init.normal_(m.weight, std=0.2) if isinstance(m, torch.nn.Linear) else None)
+    attn.reset_parameters(0.2)
+    L = 300
+    assert not attn.ltis.selects_all(L)
+    x, lengths = torch.randn(2, L, 128), torch.tensor([L, 251])
+    for train in (False, True):
+        attn.train(train)
+
+        def run(inputs):
+            torch.manual_seed(1)  # the same dropout draw for both inputs
+            return attn(inputs, lengths)
+
+        y = run(x)
+        for t in (130, 255, 256, 266, 298):
+            x2 = x.clone()
+            x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
+            assert torch.equal(run(x2)[:, : t + 1], y[:, : t + 1]), (train, t)
+    # The block choice of every query, for every cut: keys after t may not change the choice of queries <= t.
+    q, k = torch.randn(2, 8, L, 16), torch.randn(2, 2, L, 16)
+    chosen = attn.ltis.select(q, k)
+    for t in range(L - 1):
+        k2 = k.clone()
+        k2[:, :, t + 1:] = torch.randn_like(k2[:, :, t + 1:])
+        assert torch.equal(attn.ltis.select(q, k2)[:, :, : t + 1], chosen[:, :, : t + 1]), t
 
 
 def test_padding_and_batch_invariance():

@@ -601,6 +601,33 @@ def test_ltis_short_sequences_are_causal_attention(L):
 
 
 @gpu
+@pytest.mark.parametrize("compression", ["mlp", "mean"])
+def test_fast_layer_is_causal_at_long_lengths(compression):
+    """The fast path in fp16 autocast (how RecBole's ``enable_amp`` trains) at L = 2048, where block scoring spans
+    128 selection blocks: no output at a position depends on a later item, in eval and (same dropout draw)
+    train mode. The same check passed on an H100 at L = 1100, 2048 and 8192 (docs/long_histories.md)."""
+    torch.manual_seed(0)
+    attn = layer("fast", hidden_size=128, n_heads=8, n_kv_heads=2, ltis_compression=compression).cuda()
+    attn.apply(lambda m: torch.nn.init.normal_(m.weight, std=0.2) if isinstance(m, torch.nn.Linear) else None)
+    attn.reset_parameters(0.2)
+    L = 2048
+    x, lengths = torch.randn(2, L, 128, device="cuda"), torch.tensor([L, L - 37], device="cuda")
+    for train in (False, True):
+        attn.train(train)
+
+        def run(inputs):
+            torch.manual_seed(1)  # the same dropout seed for both inputs
+            with torch.autocast("cuda", dtype=torch.float16):
+                return attn(inputs, lengths).float()
+
+        y = run(x)
+        for t in (1023, 1024, 1039, 1500, L - 100):
+            x2 = x.clone()
+            x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
+            assert torch.equal(run(x2)[:, : t + 1], y[:, : t + 1]), (train, t)
+
+
+@gpu
 def test_recbole_fp16_amp_with_grad_scaler_trains(tmp_path):
     """RecBole's ``enable_amp`` (fp16 autocast) with its gradient scaler: BlossomSASRec trains on the fast path
     with selection active (small blocks, L = 50) and gives finite loss and metrics."""
