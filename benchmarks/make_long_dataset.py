@@ -32,7 +32,8 @@ Measured by :func:`copy_rule` (cycles): the share of positions whose item equals
 occurrence of the item before it, and the distance back to that occurrence; by :func:`last_seen` (random draws):
 how far back each position's item last occurred, so the share a window of ``L`` items can see; by
 :func:`window_rule_recall`: Recall@10 of a rule with no training that ranks the items of the current interest
-by how often they occur in the last ``L`` items, what a window of ``L`` gives without learning anything.
+by how often they occur in the last ``L`` items, what a window of ``L`` gives without learning anything;
+:func:`window_report` (``--report L ...``): both for the test items (each history's last), per window length.
 """
 
 import argparse
@@ -147,6 +148,18 @@ def window_rule_recall(histories, window, size, positions, k=10):
     return float(np.mean(hits))
 
 
+def window_report(histories, lengths, size, rule_users=300):
+    """What windows of each length in ``lengths`` can see of the test item (each history's last item, RecBole's
+    leave-one-out test target): one dict per length with ``test_item_in_window`` (share of users whose test item
+    occurred among their previous ``L`` items) and ``rule_recall@10`` (:func:`window_rule_recall` at the test
+    position, on the first ``rule_users`` users; ``size`` items an interest)."""
+    distance = last_seen(histories)[:, -1]
+    last = histories.shape[1] - 1
+    return [{"L": L, "test_item_in_window": round(float(np.mean((distance >= 1) & (distance <= L))), 4),
+             "rule_recall@10": round(window_rule_recall(histories[:rule_users], L, size, [last]), 4)}
+            for L in lengths]
+
+
 def _digits(values, width):
     """(n, width) uint8 ASCII of non-negative ints, zero-padded."""
     out = np.empty((len(values), width), dtype=np.uint8)
@@ -204,13 +217,24 @@ def main(argv=None):
     parser.add_argument("--name", default="long")
     for key, value in DEFAULTS.items():
         parser.add_argument(f"--{key}", type=type(value), default=value, choices=DRAWS if key == "draws" else None)
+    parser.add_argument("--report", type=int, nargs="+", metavar="L", default=[],
+                        help="also print, for each window length L, what it sees of the test items "
+                             "(window_report: one JSON line per L)")
     args = vars(parser.parse_args(argv))
+    report = args.pop("report")
+    if any(L < 1 for L in report):
+        parser.error(f"--report lengths must be >= 1, got {report}")
     start = time.perf_counter()
     try:
         folder = make(**args)
     except ValueError as err:
         parser.error(str(err))
     print(f"{folder}: {args['users']} users x {args['history']} in {time.perf_counter() - start:.1f} s")
+    if report:
+        options = {key: args[key] for key in DEFAULTS}
+        histories = generate(args["users"], args["history"], args["items"], args["seed"], **options)
+        for row in window_report(histories, report, args["items"] // args["clusters"]):
+            print(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from make_long_dataset import copy_rule, generate, last_seen, make, window_rule_recall  # noqa: E402
+from make_long_dataset import copy_rule, generate, last_seen, make, window_report, window_rule_recall  # noqa: E402
 
 SMALL = {"clusters": 4, "interests": 3, "cycle": 20, "episode_min": 10, "episode_max": 20}
 
@@ -103,6 +103,33 @@ def test_random_draws_reward_a_long_window():
     histories = generate(30, 600, 400, seed=2, draws="random", **options)
     short, long = (window_rule_recall(histories, w, 50, range(500, 600)) for w in (40, 300))
     assert long > short + 0.15, (short, long)
+
+
+def test_window_report_on_known_histories():
+    # test items (last column): 12, last seen 2 back; 5, seen 4 back; 7, never seen. Interests of 10 ids.
+    rows = np.array([[11, 13, 12, 11, 12], [5, 1, 2, 3, 5], [1, 2, 3, 4, 7]])
+    report = window_report(rows, [1, 2, 4, 5], 10, rule_users=2)
+    assert [r["L"] for r in report] == [1, 2, 4, 5]
+    assert [r["test_item_in_window"] for r in report] == [0.0, round(1 / 3, 4), round(2 / 3, 4), round(2 / 3, 4)]
+    # the rule on the first two users: user 0's item before the test is 11 (interest 1), whose items in the
+    # window include 12 from L = 2 on; user 1's is 3 (interest 0), whose window items include 5 from L = 4 on
+    assert [r["rule_recall@10"] for r in report] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_report_flag_prints_one_line_per_length(tmp_path):
+    script = os.path.join(ROOT, "benchmarks", "make_long_dataset.py")
+    args = [sys.executable, script, "--users", "30", "--history", "200", "--items", "400", "--clusters", "8",
+            "--interests", "6", "--cycle", "8", "--episode_min", "4", "--episode_max", "8", "--draws", "random",
+            "--out", str(tmp_path)]
+    res = subprocess.run(args + ["--report", "10", "150"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()[1:]]
+    histories = generate(30, 200, 400, 0, clusters=8, interests=6, cycle=8, episode_min=4, episode_max=8,
+                         draws="random")
+    assert lines == window_report(histories, [10, 150], 50)
+    assert lines[1]["test_item_in_window"] > lines[0]["test_item_in_window"]
+    res = subprocess.run(args + ["--report", "0"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--report lengths must be >= 1" in res.stderr
 
 
 def test_bad_arguments_are_clear(tmp_path):
