@@ -193,12 +193,12 @@ REFERENCE_SIZES = dict(hidden_size=128, n_heads=8, n_kv_heads=2, cmp_block_len=3
                        n_slc_blocks=4)  # LTIS selects from L = 81
 
 
-def small_attention(**kw):
+def small_attention(runtime=None, **kw):
     params = dict(hidden_size=32, n_heads=4, n_kv_heads=2, hidden_dropout_prob=0.0, attn_dropout_prob=0.0,
                   **SMALL_BLOCKS)
     params.update(kw)
     torch.manual_seed(0)
-    attn = BlossomAttention(BlossomHParams(**params))
+    attn = BlossomAttention(BlossomHParams(**params), runtime)
     attn.apply(lambda m: torch.nn.init.normal_(m.weight, std=0.3) if isinstance(m, torch.nn.Linear) else None)
     attn.reset_parameters(0.3)
     return attn.eval()
@@ -314,11 +314,8 @@ def test_causality_where_ltis_selects_at_reference_sizes(compression):
     """At the reference sizes and L = 300 (19 selection blocks, 4 picked) with block scoring in chunks of 128
     queries, no output at a position depends on a later item, in eval and (same dropout draw) train mode, and no
     query's block choice depends on a later key: every-position training relies on it."""
-    torch.manual_seed(0)
-    attn = BlossomAttention(BlossomHParams(**REFERENCE_SIZES, ltis_compression=compression),
-                            BlossomRuntime(ltis_chunk_size=128))
-    attn.apply(lambda m: torch.nn.init.normal_(m.weight, std=0.2) if isinstance(m, torch.nn.Linear) else None)
-    attn.reset_parameters(0.2)
+    attn = small_attention(BlossomRuntime(ltis_chunk_size=128), **REFERENCE_SIZES, ltis_compression=compression,
+                           hidden_dropout_prob=0.2, attn_dropout_prob=0.2)
     L = 300
     assert not attn.ltis.selects_all(L)
     x, lengths = torch.randn(2, L, 128), torch.tensor([L, 251])
