@@ -77,6 +77,27 @@ def test_model_is_sasrec_with_blossom_attention(data):
                for layer in model.trm_encoder.layer)
 
 
+def test_absolute_positions_can_be_added(data):
+    """``use_position_embedding: True`` adds SASRec's learned positions to the items before the layers: zero
+    position vectors give the paper's model (same other weights), others change the output and keep it causal."""
+    config, _, train_data, _, _ = data
+    plain = make_model(config, train_data).eval()
+    model = make_model(config, train_data, use_position_embedding=True).eval()
+    config["use_position_embedding"] = False
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["position_embedding.weight"] and unexpected == []
+    seq = torch.randint(1, model.n_items, (2, 40), generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([40, 25])
+    with torch.no_grad():
+        model.position_embedding.weight.zero_()
+        assert torch.allclose(model(seq, lengths), plain(seq, lengths), atol=1e-6)
+        model.position_embedding.weight.normal_(0, 1)
+        out = model(seq, lengths)
+        assert (out - plain(seq, lengths)).abs().max() > 1e-2
+        seq[:, 25:] = torch.randint(1, model.n_items, (2, 15))
+        assert torch.allclose(model(seq, lengths)[1], out[1], atol=1e-6)
+
+
 def test_invalid_hyperparameter_fails_at_construction(data):
     config, _, train_data, _, _ = data
     with pytest.raises(ValueError, match="n_kv_heads"):
@@ -205,6 +226,7 @@ def test_objective_function_for_hyper_tuning(tmp_path, monkeypatch):
     ("LinRec", "n_heads", 3, r"hidden_size \(128\) must be divisible by n_heads \(3\)"),
     ("LinRec", "seq_train_mode", "every_position", "linrec_causal: True"),
     ("SASRecSDPA", "loss_chunk_size", -1, "loss_chunk_size must be a positive integer"),
+    ("BlossomSASRec", "use_position_embedding", "yes", "use_position_embedding must be True or False"),
 ])
 def test_model_keys_are_checked_from_the_config_alone(model, key, value, message):
     """``check_config`` needs no data, so bad model keys can be refused before anything is loaded."""

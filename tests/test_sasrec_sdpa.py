@@ -59,6 +59,23 @@ def test_same_function_as_recbole_sasrec():
         assert torch.allclose(p.grad, expected[name].grad, atol=1e-6), name
 
 
+def test_without_positions_is_sasrec_with_zero_positions():
+    """``use_position_embedding: False``: no position parameters, and the function of RecBole's SASRec whose
+    position vectors are zero (causal attention alone tells positions apart)."""
+    sasrec = SASRec(BlossomConfig(model="SASRec", dataset="ml-100k", config_dict=SIZES), Items(50)).eval()
+    sdpa = SASRecSDPA(BlossomConfig(model="SASRecSDPA", dataset="ml-100k",
+                                    config_dict={**SIZES, "use_position_embedding": False}), Items(50)).eval()
+    assert not hasattr(sdpa, "position_embedding")
+    missing, unexpected = sdpa.load_state_dict(sasrec.state_dict(), strict=False)
+    assert missing == [] and unexpected == ["position_embedding.weight"]
+    data = batch(50, [12, 7, 1, 3])
+    with torch.no_grad():
+        with_positions = sasrec.full_sort_predict(data)
+        sasrec.position_embedding.weight.zero_()
+        expected, got = sasrec.full_sort_predict(data), sdpa.full_sort_predict(data)
+    assert torch.allclose(got, expected, atol=1e-6) and not torch.allclose(got, with_positions, atol=1e-3)
+
+
 def test_no_mask_is_built_and_padded_rows_are_finite(monkeypatch):
     _, sdpa = pair()
 

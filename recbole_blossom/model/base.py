@@ -54,8 +54,9 @@ def _cross_entropy_sum(hidden, weight, targets):
 class AttentionSASRec(SASRec):
     r"""RecBole's SASRec whose attention layers come from :meth:`build_attention`.
 
-    Subclasses set ``use_position_embedding`` and ``supports_every_position`` (the attention is causal, so the
-    output at position ``t`` depends only on items ``<= t``) and define :meth:`build_attention`; nothing else.
+    Subclasses set ``use_position_embedding`` (their default; the config key of that name overrides it) and
+    ``supports_every_position`` (the attention is causal, so the output at position ``t`` depends only on items
+    ``<= t``) and define :meth:`build_attention`; nothing else.
     After RecBole's ``_init_weights``, a layer with ``reset_parameters(initializer_range)`` initialises what
     RecBole does not know about (e.g. Blossom's gate biases).
     """
@@ -69,6 +70,7 @@ class AttentionSASRec(SASRec):
         self.TARGET_SEQ = target_list_field(config)
         self.causal = self.every_position_supported(config)
         self.loss_chunk_size = setting(config, "loss_chunk_size", 1024)
+        self.use_position_embedding = self.position_embedding_setting(config)
         if not self.use_position_embedding:
             del self.position_embedding
         for layer in self.trm_encoder.layer:
@@ -90,6 +92,16 @@ class AttentionSASRec(SASRec):
         chunk = setting(config, "loss_chunk_size", 1024)
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
             raise ValueError(f"loss_chunk_size must be a positive integer, got {chunk!r}")
+        cls.position_embedding_setting(config)
+
+    @classmethod
+    def position_embedding_setting(cls, config):
+        """``use_position_embedding`` from the config (the class's choice when missing or None): whether SASRec's
+        learned absolute position embedding is added to the item embedding."""
+        use = setting(config, "use_position_embedding", cls.use_position_embedding)
+        if not isinstance(use, bool):
+            raise ValueError(f"use_position_embedding must be True or False, got {use!r}")
+        return use
 
     @classmethod
     def every_position_supported(cls, config):
