@@ -42,7 +42,8 @@ from recbole.utils import argument_list
 from recbole.utils import get_model as recbole_get_model
 
 from recbole_blossom import distributed
-from recbole_blossom.checks import InputError, check_config_keys, check_values, required_inter_fields
+from recbole_blossom.checks import (InputError, amp_without_scaler, check_config_keys, check_values,
+                                   required_inter_fields)
 from recbole_blossom.data import every_position_refusal, seq_train_mode
 from recbole_blossom.model import MODELS
 
@@ -242,3 +243,6 @@ class BlossomConfig(Config):
                 and every_position_refusal(self) is not None:
             self.final_config_dict["seq_train_mode"] = "per_prefix"
         check_values(self.final_config_dict, set(model_defaults(self.model)))
+        warning = amp_without_scaler(self.final_config_dict)
+        if warning:
+            logging.getLogger().warning(warning)

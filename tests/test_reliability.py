@@ -156,6 +156,17 @@ def test_other_unknown_keys_are_passed_on_with_a_warning(caplog):
     assert "my_experiment_tag (from the config dict or the command line)" in caplog.text
 
 
+@pytest.mark.parametrize("amp, scaler, gpu, warned", [(True, False, True, True), (True, True, True, False),
+                                                    (False, False, True, False), (True, False, False, False)])
+def test_fp16_without_the_gradient_scaler_is_warned(caplog, monkeypatch, amp, scaler, gpu, warned):
+    """RecBole's enable_amp is float16 on CUDA: without enable_scaler gradients underflow (the model did not learn
+    on the H100); on the CPU autocast is bfloat16 and needs no scaler."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    with caplog.at_level(logging.WARNING):
+        BlossomConfig("BlossomSASRec", "ml-100k", config_dict={"enable_amp": amp, "enable_scaler": scaler})
+    assert ("enable_amp: True without enable_scaler: True" in caplog.text) == warned
+
+
 class KnobRec(SequentialRecommender):
     """A user's own model: the keys its module reads are known."""
 
