@@ -82,8 +82,10 @@ def test_absolute_positions_can_be_added(data):
     position vectors give the paper's model (same other weights), others change the output and keep it causal."""
     config, _, train_data, _, _ = data
     plain = make_model(config, train_data).eval()
-    model = make_model(config, train_data, use_position_embedding=True).eval()
-    config["use_position_embedding"] = False
+    try:
+        model = make_model(config, train_data, use_position_embedding=True).eval()
+    finally:
+        config["use_position_embedding"] = False  # the module's shared config
     missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
     assert missing == ["position_embedding.weight"] and unexpected == []
     seq = torch.randint(1, model.n_items, (2, 40), generator=torch.Generator().manual_seed(3))
