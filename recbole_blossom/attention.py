@@ -51,7 +51,7 @@ class BlossomAttention(nn.Module):
         self.query = nn.Linear(hp.hidden_size, H * D)
         self.key = nn.Linear(hp.hidden_size, Hkv * D)
         self.value = nn.Linear(hp.hidden_size, Hkv * D)
-        self.rotary = RotaryEmbedding(D, hp.rope_base, impl=runtime.blossom_impl)
+        self.rotary = RotaryEmbedding(D, hp.rope_base, impl=runtime.blossom_impl, enabled=hp.use_rope)
         self.ltis = LTIS(D, Hkv, block_len=hp.cmp_block_len, stride=hp.cmp_stride, select_size=hp.slc_block_size,
                          n_select=hp.n_slc_blocks, dropout_p=hp.attn_dropout_prob, chunk_size=runtime.ltis_chunk_size,
                          impl=runtime.blossom_impl, trainable_compression=hp.ltis_trainable_compression,

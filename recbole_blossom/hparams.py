@@ -53,6 +53,7 @@ class BlossomHParams:
     gate_bias_ltis: float = -2.0
     gate_bias_stis: float = 2.0
     rope_base: float = 10000.0
+    use_rope: bool = True  # False: no rotation at all (an ablation; rope_base cannot stop the first pair turning)
     hidden_dropout_prob: float = 0.2
     attn_dropout_prob: float = 0.2
     layer_norm_eps: float = 1e-12
@@ -85,7 +86,7 @@ class BlossomHParams:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {value!r}")
-        _bools(self, ("ltis_trainable_compression", "stis_sink", "ltis_score_rope"))
+        _bools(self, ("ltis_trainable_compression", "stis_sink", "ltis_score_rope", "use_rope"))
         if self.ltis_score_pool not in ("probs", "logits"):
             raise ValueError(f"ltis_score_pool must be one of probs, logits, got {self.ltis_score_pool!r}")
         if self.ltis_compression not in LTIS_COMPRESSIONS:

@@ -170,6 +170,8 @@ def test_rotary_matches_explicit_rotation_and_keeps_relative_scores():
     xr, _ = RotaryEmbedding(8)(x, x)
     s = (xr[0, 0] @ xr[0, 0].T)
     assert torch.allclose(s[3, 1], s[9, 7], atol=1e-5)
+    q_off, k_off = RotaryEmbedding(8, enabled=False)(q, k)  # use_rope: False rotates nothing
+    assert q_off is q and k_off is k
 
 
 def layer_reference(attn: BlossomAttention, x):
@@ -178,7 +180,7 @@ def layer_reference(attn: BlossomAttention, x):
     B, L, _ = x.shape
     split = lambda t: t.view(B, L, -1, hp.head_dim).transpose(1, 2)  # noqa: E731
     q, k, v = split(attn.query(x)), split(attn.key(x)), split(attn.value(x))
-    qr, kr = rope_reference(q, hp.rope_base), rope_reference(k, hp.rope_base)
+    qr, kr = (rope_reference(q, hp.rope_base), rope_reference(k, hp.rope_base)) if hp.use_rope else (q, k)
     q_score, k_score = (qr, kr) if hp.ltis_score_rope else (q, k)
     ltis = dense_attention(qr, kr, v, naive_ltis_mask(q_score, k_score, attn.ltis))
     stis = dense_attention(qr, kr, v, naive_stis_mask(L, hp.stis_window, hp.stis_sink))
@@ -204,12 +206,14 @@ def small_attention(runtime=None, **kw):
     return attn.eval()
 
 
-@pytest.mark.parametrize("L,score_rope,pool,compression", [
-    (9, False, "probs", "mlp"), (40, False, "probs", "mlp"), (70, False, "probs", "mlp"), (70, True, "probs", "mlp"),
-    (40, True, "logits", "mlp"), (70, True, "logits", "mlp"), (70, False, "logits", "mlp"),
-    (70, True, "logits", "mean"), (70, False, "probs", "mean")])
-def test_layer_matches_naive_composition(L, score_rope, pool, compression):
-    attn = small_attention(ltis_score_rope=score_rope, ltis_score_pool=pool, ltis_compression=compression)
+@pytest.mark.parametrize("L,score_rope,pool,compression,rope", [
+    (9, False, "probs", "mlp", True), (40, False, "probs", "mlp", True), (70, False, "probs", "mlp", True),
+    (70, True, "probs", "mlp", True), (40, True, "logits", "mlp", True), (70, True, "logits", "mlp", True),
+    (70, False, "logits", "mlp", True), (70, True, "logits", "mean", True), (70, False, "probs", "mean", True),
+    (70, True, "logits", "mean", False), (70, True, "logits", "mlp", False)])
+def test_layer_matches_naive_composition(L, score_rope, pool, compression, rope):
+    attn = small_attention(ltis_score_rope=score_rope, ltis_score_pool=pool, ltis_compression=compression,
+                           use_rope=rope)
     x = torch.randn(2, L, 32)
     assert rel_err(attn(x), layer_reference(attn, x)) < 1e-5
 

@@ -27,7 +27,7 @@ def test_yaml_defaults_are_the_schema_defaults(model):
             assert value == field.default, (model, field.name, value, field.default)
 
 
-@pytest.mark.parametrize("key,value", [("ltis_score_pool", "mean"), ("ltis_score_rope", "yes")])
+@pytest.mark.parametrize("key,value", [("ltis_score_pool", "mean"), ("ltis_score_rope", "yes"), ("use_rope", 0)])
 def test_score_options_validated(key, value):
     with pytest.raises(ValueError, match=key):
         BlossomHParams(**{key: value}).validate()
