@@ -6,7 +6,9 @@ Models (reference settings: hidden 128, 2 layers, 8 heads; BlossomSASRec with 2 
 * ``SASRec-SDPA``: the plugin's ``SASRecSDPA``, the same model with PyTorch's fused attention (causal);
 * ``LinRec``: ``recbole_blossom.model.linrec.LinRec`` when it is importable;
 * ``Blossom-torch`` / ``Blossom-fast``: BlossomSASRec with ``blossom_impl`` torch / fast;
-* ``Blossom-fast-mean``: ``Blossom-fast`` with ``ltis_compression: mean`` (block means pick the blocks, no MLP).
+* ``Blossom-fast-mean``: ``Blossom-fast`` with ``ltis_compression: mean`` (block means pick the blocks, no MLP);
+* ``Blossom-fast-long``: the long-history settings of ``docs/long_histories.md`` (``ltis_compression: mean``,
+  ``use_rope: False``, ``gate_bias_ltis: 10``): no rotation kernels, otherwise ``Blossom-fast-mean``.
 
 Every batch holds the same number of tokens (``--tokens``, batch = tokens // L), all sequences full length.
 A training step is forward, CE loss over all items, backward and an Adam step; an inference batch is
@@ -62,6 +64,8 @@ def model_classes():
     classes["Blossom-torch"] = (BlossomSASRec, {"blossom_impl": "torch"})
     classes["Blossom-fast"] = (BlossomSASRec, {"blossom_impl": "fast"})
     classes["Blossom-fast-mean"] = (BlossomSASRec, {"blossom_impl": "fast", "ltis_compression": "mean"})
+    classes["Blossom-fast-long"] = (BlossomSASRec, {"blossom_impl": "fast", "ltis_compression": "mean",
+                                                    "use_rope": False, "gate_bias_ltis": 10.0})
     return classes
 
 
