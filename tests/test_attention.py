@@ -194,6 +194,7 @@ def layer_reference(attn: BlossomAttention, x):
 SMALL_BLOCKS = dict(cmp_block_len=8, cmp_stride=4, slc_block_size=4, n_slc_blocks=2)  # LTIS selects from L = 13
 REFERENCE_SIZES = dict(hidden_size=128, n_heads=8, n_kv_heads=2, cmp_block_len=32, cmp_stride=16, slc_block_size=16,
                        n_slc_blocks=4)  # LTIS selects from L = 81
+LONG_HISTORY = dict(ltis_compression="mean", use_rope=False, gate_bias_ltis=10.0)  # README, docs/long_histories.md
 
 
 def small_attention(runtime=None, **kw):
@@ -298,10 +299,11 @@ def test_every_past_block_competes_fairly(L, pool):
     assert 0.5 <= latest <= 2.0, latest
 
 
-def test_gate_bias_initialisation():
-    attn = small_attention()
+@pytest.mark.parametrize("settings,ltis,stis", [({}, -2.0, 2.0), (LONG_HISTORY, 10.0, 2.0)])
+def test_gate_bias_initialisation(settings, ltis, stis):
+    attn = small_attention(**settings)
     bias = attn.gate.proj.bias
-    assert torch.all(bias[:4] == -2.0) and torch.all(bias[4:] == 2.0)
+    assert torch.all(bias[:4] == ltis) and torch.all(bias[4:] == stis)
 
 
 def test_causality():
@@ -314,12 +316,13 @@ def test_causality():
         assert torch.allclose(attn(x2)[:, : t + 1], y[:, : t + 1], atol=1e-6), t
 
 
-@pytest.mark.parametrize("compression", ["mlp", "mean"])
-def test_causality_where_ltis_selects_at_reference_sizes(compression):
+@pytest.mark.parametrize("settings", [dict(ltis_compression="mlp"), dict(ltis_compression="mean"), LONG_HISTORY])
+def test_causality_where_ltis_selects_at_reference_sizes(settings):
     """At the reference sizes and L = 300 (19 selection blocks, 4 picked) with block scoring in chunks of 128
     queries, no output at a position depends on a later item, in eval and (same dropout draw) train mode, and no
-    query's block choice depends on a later key: every-position training relies on it."""
-    attn = small_attention(BlossomRuntime(ltis_chunk_size=128), **REFERENCE_SIZES, ltis_compression=compression,
+    query's block choice depends on a later key: every-position training relies on it. Also with the long-history
+    settings (no RoPE: nothing but causality keeps later keys out)."""
+    attn = small_attention(BlossomRuntime(ltis_chunk_size=128), **REFERENCE_SIZES, **settings,
                            hidden_dropout_prob=0.2, attn_dropout_prob=0.2)
     L = 300
     assert not attn.ltis.selects_all(L)
