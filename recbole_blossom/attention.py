@@ -52,10 +52,11 @@ class BlossomAttention(nn.Module):
         self.key = nn.Linear(hp.hidden_size, Hkv * D)
         self.value = nn.Linear(hp.hidden_size, Hkv * D)
         self.rotary = RotaryEmbedding(D, hp.rope_base, impl=runtime.blossom_impl, enabled=hp.use_rope)
-        self.ltis = LTIS(D, Hkv, block_len=hp.cmp_block_len, stride=hp.cmp_stride, select_size=hp.slc_block_size,
-                         n_select=hp.n_slc_blocks, dropout_p=hp.attn_dropout_prob, chunk_size=runtime.ltis_chunk_size,
+        pool = "logits" if hp.ltis_score_pool == "head" else hp.ltis_score_pool  # head: one query head a kv head
+        self.ltis = LTIS(D, hp.attention_kv_heads, block_len=hp.cmp_block_len, stride=hp.cmp_stride,
+                         select_size=hp.slc_block_size, n_select=hp.n_slc_blocks, dropout_p=hp.attn_dropout_prob, chunk_size=runtime.ltis_chunk_size,
                          impl=runtime.blossom_impl, trainable_compression=hp.ltis_trainable_compression,
-                         score_pool=hp.ltis_score_pool, compression=hp.ltis_compression)
+                         score_pool=pool, compression=hp.ltis_compression)
         self.stis = STIS(window=hp.stis_window, sink=hp.stis_sink, dropout_p=hp.attn_dropout_prob,
                          impl=runtime.blossom_impl)
         self.gate = BranchGate(hp.hidden_size, H, hp.gate_bias_ltis, hp.gate_bias_stis, impl=runtime.blossom_impl)
@@ -82,10 +83,19 @@ class BlossomAttention(nn.Module):
         q, k, v, logits = out.split([m.out_features for m in layers], dim=-1)
         return self.heads(q), self.heads(k), self.heads(v), logits
 
+    def repeat_kv(self, *tensors):
+        """``(B, Hkv, L, D)`` -> ``(B, H, L, D)``, each kv head repeated for its query heads, where each query head
+        picks its own blocks (``ltis_score_pool: head``); otherwise the tensors unchanged. Both branches then read
+        the same keys and values as before, through a kv head per query head (autograd sums the copies)."""
+        if self.hp.attention_kv_heads == self.hp.n_kv_heads:
+            return tensors
+        return tuple(t.repeat_interleave(self.hp.n_heads // self.hp.n_kv_heads, dim=1) for t in tensors)
+
     def forward(self, input_tensor, item_seq_len=None):
         q, k, v, logits = self.project(input_tensor)
         q_rot, k_rot = self.rotary(q, k)
-        q_score, k_score = (q_rot, k_rot) if self.hp.ltis_score_rope else (q, k)
+        k_rot, v = self.repeat_kv(k_rot, v)
+        q_score, k_score = (q_rot, k_rot) if self.hp.ltis_score_rope else (q, self.repeat_kv(k)[0])
         if self.ltis.trainable_compression:  # LTIS adds its compressed branch: the branches one by one
             ltis = self.ltis(q_rot, k_rot, v, item_seq_len, q_score=q_score, k_score=k_score)
             context = self.gate.combine(logits, ltis, self.stis(q_rot, k_rot, v, item_seq_len))

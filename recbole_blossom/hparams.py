@@ -35,6 +35,7 @@ def _bools(obj, names):
 
 
 LTIS_COMPRESSIONS = ("mlp", "mean")  # the paper's compression MLP; block means of the keys (a variant)
+LTIS_SCORE_POOLS = ("logits", "probs", "head")  # how the query heads of a kv head share one block choice, or not
 
 
 @dataclass
@@ -59,7 +60,8 @@ class BlossomHParams:
     layer_norm_eps: float = 1e-12
     ltis_trainable_compression: bool = False
     ltis_score_rope: bool = True  # score blocks with rotated q, k (the authors' code; a tie measured, docs/models.md)
-    ltis_score_pool: str = "logits"  # logits: mean score, one softmax (the authors'); probs: mean of probabilities
+    ltis_score_pool: str = "logits"  # logits: mean score, one softmax (the authors'); probs: mean of probabilities;
+    #   head: no pooling, each query head picks its own blocks (a variant; kernels read kv repeated to the heads)
     ltis_compression: str = "mlp"  # mlp: the paper's frozen compression MLP; mean: block means of the keys (a variant)
 
     @classmethod
@@ -87,8 +89,9 @@ class BlossomHParams:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {value!r}")
         _bools(self, ("ltis_trainable_compression", "stis_sink", "ltis_score_rope", "use_rope"))
-        if self.ltis_score_pool not in ("probs", "logits"):
-            raise ValueError(f"ltis_score_pool must be one of probs, logits, got {self.ltis_score_pool!r}")
+        if self.ltis_score_pool not in LTIS_SCORE_POOLS:
+            raise ValueError(f"ltis_score_pool must be one of {', '.join(LTIS_SCORE_POOLS)}, got "
+                             f"{self.ltis_score_pool!r}")
         if self.ltis_compression not in LTIS_COMPRESSIONS:
             raise ValueError(f"ltis_compression must be one of {', '.join(LTIS_COMPRESSIONS)}, got "
                              f"{self.ltis_compression!r}")
@@ -101,6 +104,12 @@ class BlossomHParams:
     @property
     def head_dim(self):
         return self.hidden_size // self.n_heads
+
+    @property
+    def attention_kv_heads(self):
+        """Key/value heads the attention ops see: ``n_kv_heads``, or ``n_heads`` when each query head picks its
+        own blocks (``ltis_score_pool: head``: the kv heads are repeated to their query heads)."""
+        return self.n_heads if self.ltis_score_pool == "head" else self.n_kv_heads
 
 
 @dataclass

@@ -171,6 +171,8 @@ def check_blossom_linrec(hp, runtime):
                          "use blossom_impl: auto or torch")
     if hp.ltis_trainable_compression:
         raise ValueError("ltis_trainable_compression: True is not available for BlossomLinRec; set it to False")
+    if hp.ltis_score_pool == "head":
+        raise ValueError("ltis_score_pool: head is not available for BlossomLinRec; use logits or probs")
 
 
 class BlossomLinRecAttention(BlossomAttention):

@@ -1,6 +1,7 @@
 """Blossom attention against naive dense-mask implementations written here, plus invariances."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -218,6 +219,39 @@ def test_layer_matches_naive_composition(L, score_rope, pool, compression, rope)
                            use_rope=rope)
     x = torch.randn(2, L, 32)
     assert rel_err(attn(x), layer_reference(attn, x)) < 1e-5
+
+
+def per_head_twin(attn):
+    """A layer with a kv head per query head holding ``attn``'s key and value rows repeated for each query head of
+    their group: what ``ltis_score_pool: head`` must compute (every other parameter copied)."""
+    hp = attn.hp
+    twin = BlossomAttention(replace(hp, n_kv_heads=hp.n_heads, ltis_score_pool="logits"), attn.runtime).eval()
+    state = dict(attn.state_dict())
+    G, D = hp.n_heads // hp.n_kv_heads, hp.head_dim
+    for name in ("key.weight", "key.bias", "value.weight", "value.bias"):
+        rows = state[name].view(hp.n_kv_heads, D, *state[name].shape[1:])
+        state[name] = rows.repeat_interleave(G, dim=0).reshape(hp.n_heads * D, *state[name].shape[1:])
+    twin.load_state_dict(state)
+    return twin
+
+
+@pytest.mark.parametrize("L,sizes,settings", [
+    (70, {}, {}), (70, {}, dict(ltis_score_rope=False)), (70, {}, LONG_HISTORY),
+    (300, REFERENCE_SIZES, dict(ltis_compression="mean"))])
+def test_per_head_selection_is_the_repeated_kv_layer(L, sizes, settings):
+    """``ltis_score_pool: head`` (each query head picks its own blocks, kv heads shared) equals a layer with a kv
+    head per query head whose k and v rows are the shared ones repeated, where LTIS selects; and it picks other
+    blocks than the pooled choice (the outputs differ), so the option does something."""
+    attn = small_attention(**sizes, **settings, ltis_score_pool="head")
+    assert not attn.ltis.selects_all(L)
+    x = torch.randn(2, L, attn.hp.hidden_size)
+    lengths = torch.tensor([L, L - 9])
+    out = attn(x, lengths)
+    assert rel_err(out, per_head_twin(attn)(x, lengths)) < 1e-5
+    pooled = BlossomAttention(replace(attn.hp, ltis_score_pool="logits"), attn.runtime).eval()
+    pooled.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "ltis.memory_key"}, strict=False)
+    pooled.ltis.memory_key.data.copy_(attn.ltis.memory_key[:: attn.hp.n_heads // attn.hp.n_kv_heads])
+    assert rel_err(out, pooled(x, lengths)) > 1e-3
 
 
 def test_layer_matches_naive_composition_at_reference_sizes():

@@ -316,7 +316,8 @@ def test_select_blocks_fast_matches_torch(B, H, Hkv, L, D, geometry, pool):
 @pytest.mark.parametrize("L,blocks", [(45, {}), (200, {}), (700, {}), (1100, {}),
                                       (77, dict(cmp_block_len=8, cmp_stride=4, slc_block_size=4, n_slc_blocks=2)),
                                       (700, dict(ltis_compression="mean")),
-                                      (700, dict(ltis_compression="mean", use_rope=False))])  # strided q, k
+                                      (700, dict(ltis_compression="mean", use_rope=False)),  # strided q, k
+                                      (700, dict(ltis_compression="mean", ltis_score_pool="head"))])
 def test_layer_fast_matches_torch(L, blocks, dtype):
     """Whole attention layer (projections, RoPE, selection, gate): outputs and every parameter gradient.
     float32: the fast path equals the PyTorch path. bf16/fp16 (autocast): against the float32 PyTorch layer,

@@ -163,6 +163,8 @@ def test_blossom_linrec_rejects_what_it_does_not_have():
         BlossomLinRecAttention(blossom_hp(), BlossomRuntime(blossom_impl="fast"))
     with pytest.raises(ValueError, match="ltis_trainable_compression"):
         BlossomLinRecAttention(blossom_hp(ltis_trainable_compression=True))
+    with pytest.raises(ValueError, match="ltis_score_pool: head is not available for BlossomLinRec"):
+        BlossomLinRecAttention(blossom_hp(ltis_score_pool="head"))
 
 
 @pytest.mark.parametrize("kind", ["published", "causal", "blossom"])
