@@ -9,6 +9,8 @@ Models (reference settings: hidden 128, 2 layers, 8 heads; BlossomSASRec with 2 
 * ``Blossom-fast-mean``: ``Blossom-fast`` with ``ltis_compression: mean`` (block means pick the blocks, no MLP);
 * ``Blossom-fast-long``: the long-history settings of ``docs/long_histories.md`` (``ltis_compression: mean``,
   ``use_rope: False``, ``gate_bias_ltis: 10``): no rotation kernels, otherwise ``Blossom-fast-mean``.
+* ``Blossom-fast-long-kv8`` / ``Blossom-fast-long-head``: ``Blossom-fast-long`` with a kv head per query head
+  (``n_kv_heads: 8``), or with 2 kv heads and blocks picked per query head (``ltis_score_pool: head``).
 
 Every batch holds the same number of tokens (``--tokens``, batch = tokens // L), all sequences full length.
 A training step is forward, CE loss over all items, backward and an Adam step; an inference batch is
@@ -64,8 +66,10 @@ def model_classes():
     classes["Blossom-torch"] = (BlossomSASRec, {"blossom_impl": "torch"})
     classes["Blossom-fast"] = (BlossomSASRec, {"blossom_impl": "fast"})
     classes["Blossom-fast-mean"] = (BlossomSASRec, {"blossom_impl": "fast", "ltis_compression": "mean"})
-    classes["Blossom-fast-long"] = (BlossomSASRec, {"blossom_impl": "fast", "ltis_compression": "mean",
-                                                    "use_rope": False, "gate_bias_ltis": 10.0})
+    long = {"blossom_impl": "fast", "ltis_compression": "mean", "use_rope": False, "gate_bias_ltis": 10.0}
+    classes["Blossom-fast-long"] = (BlossomSASRec, long)
+    classes["Blossom-fast-long-kv8"] = (BlossomSASRec, dict(long, n_kv_heads=8))
+    classes["Blossom-fast-long-head"] = (BlossomSASRec, dict(long, ltis_score_pool="head"))
     return classes
 
 
