@@ -54,9 +54,10 @@ class BlossomAttention(nn.Module):
         self.rotary = RotaryEmbedding(D, hp.rope_base, impl=runtime.blossom_impl, enabled=hp.use_rope)
         pool = "logits" if hp.ltis_score_pool == "head" else hp.ltis_score_pool  # head: one query head a kv head
         self.ltis = LTIS(D, hp.attention_kv_heads, block_len=hp.cmp_block_len, stride=hp.cmp_stride,
-                         select_size=hp.slc_block_size, n_select=hp.n_slc_blocks, dropout_p=hp.attn_dropout_prob, chunk_size=runtime.ltis_chunk_size,
-                         impl=runtime.blossom_impl, trainable_compression=hp.ltis_trainable_compression,
-                         score_pool=pool, compression=hp.ltis_compression)
+                         select_size=hp.slc_block_size, n_select=hp.n_slc_blocks, dropout_p=hp.attn_dropout_prob,
+                         chunk_size=runtime.ltis_chunk_size, impl=runtime.blossom_impl,
+                         trainable_compression=hp.ltis_trainable_compression, score_pool=pool,
+                         compression=hp.ltis_compression)
         self.stis = STIS(window=hp.stis_window, sink=hp.stis_sink, dropout_p=hp.attn_dropout_prob,
                          impl=runtime.blossom_impl)
         self.gate = BranchGate(hp.hidden_size, H, hp.gate_bias_ltis, hp.gate_bias_stis, impl=runtime.blossom_impl)

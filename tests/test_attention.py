@@ -249,8 +249,9 @@ def test_per_head_selection_is_the_repeated_kv_layer(L, sizes, settings):
     out = attn(x, lengths)
     assert rel_err(out, per_head_twin(attn)(x, lengths)) < 1e-5
     pooled = BlossomAttention(replace(attn.hp, ltis_score_pool="logits"), attn.runtime).eval()
-    pooled.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "ltis.memory_key"}, strict=False)
-    pooled.ltis.memory_key.data.copy_(attn.ltis.memory_key[:: attn.hp.n_heads // attn.hp.n_kv_heads])
+    state = dict(attn.state_dict())  # the same parameters; the memory key of each kv head, not of each query head
+    state["ltis.memory_key"] = state["ltis.memory_key"][:: attn.hp.n_heads // attn.hp.n_kv_heads]
+    pooled.load_state_dict(state)
     assert rel_err(out, pooled(x, lengths)) > 1e-3
 
 
