@@ -38,6 +38,25 @@ def test_cli_trains_and_prints_the_metric_table(tmp_path, tiny_args):
     assert f"checkpoint: {checkpoint}" in table and f"log: {log}" in table  # the end says where things went
 
 
+def readme_long_history_yaml():
+    """The yaml block the README gives for long histories (after "passed with `--config_files=long.yaml`")."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return readme.split("--config_files=long.yaml`:", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_long_history_yaml_trains(tmp_path, tiny_args):
+    """The README's long-history settings as the user would pass them (its yaml file; the tiny sizes, a length
+    where LTIS selects, on the command line, which wins over files) reach the model and train."""
+    config = tmp_path / "long.yaml"
+    config.write_text(readme_long_history_yaml())
+    res = cli(["--model=BlossomSASRec", "--dataset=ml-100k", f"--config_files={config}", *tiny_args], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    for line in ("ltis_compression = mean", "use_rope = False", "gate_bias_ltis = 10.0", "MAX_ITEM_LIST_LENGTH = 10"):
+        assert re.search(rf"^{line}$", out, re.M), line
+    assert "ndcg@10" in res.stdout.split("BlossomSASRec on ml-100k")[-1]
+
+
 def test_cli_runs_builtin_models(tmp_path, tiny_args):
     res = cli(["--model=GRU4Rec", "--dataset=ml-100k", "--embedding_size=16", *tiny_args], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
