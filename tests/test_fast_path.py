@@ -312,6 +312,29 @@ def test_select_blocks_fast_matches_torch(B, H, Hkv, L, D, geometry, pool):
 
 
 @gpu
+def test_float32_branches_save_one_copy_of_q_k_v():
+    """float32, LTIS selecting: both branches run the gather kernels, which need dense q, k, v. Without RoPE q and
+    k are views of the fused projection; copied once for both branches, the layer keeps less for the backward
+    than with RoPE (whose rotated q, k and cos/sin tables it keeps); copied per branch, it kept more."""
+    def saved_bytes(use_rope):
+        torch.manual_seed(0)
+        attn = layer("fast", hidden_size=128, n_heads=8, n_kv_heads=2, ltis_compression="mean",
+                     use_rope=use_rope).cuda().train()
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(2, 700, 128, device="cuda", requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            attn(x, torch.tensor([700, 500], device="cuda"))
+        return sum(storages.values())
+
+    assert saved_bytes(False) < saved_bytes(True)
+
+
+@gpu
 @DTYPES
 @pytest.mark.parametrize("L,blocks", [(45, {}), (200, {}), (700, {}), (1100, {}),
                                       (77, dict(cmp_block_len=8, cmp_stride=4, slc_block_size=4, n_slc_blocks=2)),

@@ -1084,6 +1084,8 @@ def branch_attention(q, k, v, idx, block, window, sink, logits, lengths=None, dr
     kernels; ``idx`` None: LTIS is causal attention). ``kernel``: as :func:`gathered_attention`'s."""
     kernel = None if idx is None else _ltis_kernel_checked(q, block, kernel)  # auto: gather in float32
     if kernel in (None, "gather"):
+        if kernel == "gather" and q.dtype == torch.float32:  # both branches run the gather kernels, which need
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # dense q, k, v: copy (and save) them once
         ltis = (naive.causal_attention(q, k, v, lengths, dropout_p, training, scale) if idx is None else
                 gathered_attention(q, k, v, idx, block, lengths, dropout_p, training, scale, kernel=kernel))
         return gate_combine(logits, ltis, stis_attention(q, k, v, window, sink, lengths, dropout_p, training, scale))
