@@ -138,12 +138,16 @@ def test_prediction_at_t_ignores_later_items(data):
     assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("compression", ["mlp", "mean"])
-def test_invariances_where_ltis_selects(data, compression):
-    """Small LTIS blocks (selection from L = 13 on: 2 of up to 9 past blocks at L = 40), either compression:
-    padding, batch and later items change nothing; ``mean`` has no compression parameters."""
+@pytest.mark.parametrize("settings", [
+    dict(ltis_compression="mlp"), dict(ltis_compression="mean"),
+    dict(ltis_compression="mean", use_rope=False, gate_bias_ltis=10.0),  # the README's long-history settings
+    dict(ltis_compression="mean", ltis_score_pool="head")])  # blocks picked per query head
+def test_invariances_where_ltis_selects(data, settings):
+    """Small LTIS blocks (selection from L = 13 on: 2 of up to 9 past blocks at L = 40), either compression and the
+    variants: padding, batch and later items change nothing; ``mean`` has no compression parameters."""
     config, _, train_data, _, _ = data
-    small = dict(cmp_block_len=8, cmp_stride=4, slc_block_size=4, n_slc_blocks=2, ltis_compression=compression)
+    compression = settings["ltis_compression"]
+    small = dict(cmp_block_len=8, cmp_stride=4, slc_block_size=4, n_slc_blocks=2, **settings)
     saved = {key: config[key] for key in small}
     try:
         model = make_model(config, train_data, **small).eval()
