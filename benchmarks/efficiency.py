@@ -40,6 +40,7 @@ import recbole_blossom  # noqa: E402,F401  (applies the RecBole compatibility sh
 from recbole.model.sequential_recommender import SASRec  # noqa: E402
 
 from recbole_blossom.config import model_defaults  # noqa: E402
+from recbole_blossom.hparams import LONG_HISTORY  # noqa: E402
 from recbole_blossom.model import BlossomSASRec, SASRecSDPA  # noqa: E402
 
 FIELDS = dict(USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", LIST_SUFFIX="_list",
@@ -66,7 +67,7 @@ def model_classes():
     classes["Blossom-torch"] = (BlossomSASRec, {"blossom_impl": "torch"})
     classes["Blossom-fast"] = (BlossomSASRec, {"blossom_impl": "fast"})
     classes["Blossom-fast-mean"] = (BlossomSASRec, {"blossom_impl": "fast", "ltis_compression": "mean"})
-    long = {"blossom_impl": "fast", "ltis_compression": "mean", "use_rope": False, "gate_bias_ltis": 10.0}
+    long = {"blossom_impl": "fast", **LONG_HISTORY}
     classes["Blossom-fast-long"] = (BlossomSASRec, long)
     classes["Blossom-fast-long-kv8"] = (BlossomSASRec, dict(long, n_kv_heads=8))
     classes["Blossom-fast-long-head"] = (BlossomSASRec, dict(long, ltis_score_pool="head"))

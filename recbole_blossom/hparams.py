@@ -36,6 +36,9 @@ def _bools(obj, names):
 
 LTIS_COMPRESSIONS = ("mlp", "mean")  # the paper's compression MLP; block means of the keys (a variant)
 LTIS_SCORE_POOLS = ("logits", "probs", "head")  # how the query heads of a kv head share one block choice, or not
+# The long-history settings (not the paper's; README "Use", docs/long_histories.md): block means pick the blocks, no
+# rotation of q and k, the LTIS gate open at the start. One place for the benchmarks and tests that name them.
+LONG_HISTORY = {"ltis_compression": "mean", "use_rope": False, "gate_bias_ltis": 10.0}
 
 
 @dataclass

@@ -9,7 +9,7 @@ from causal import assert_causal
 
 import recbole_blossom  # noqa: F401  (applies the compatibility shims)
 from recbole_blossom.attention import BlossomAttention
-from recbole_blossom.hparams import BlossomHParams, BlossomRuntime
+from recbole_blossom.hparams import LONG_HISTORY, BlossomHParams, BlossomRuntime
 from recbole_blossom.ltis import LTIS
 from recbole_blossom.ops import naive
 from recbole_blossom.rotary import RotaryEmbedding
@@ -195,7 +195,6 @@ def layer_reference(attn: BlossomAttention, x):
 SMALL_BLOCKS = dict(cmp_block_len=8, cmp_stride=4, slc_block_size=4, n_slc_blocks=2)  # LTIS selects from L = 13
 REFERENCE_SIZES = dict(hidden_size=128, n_heads=8, n_kv_heads=2, cmp_block_len=32, cmp_stride=16, slc_block_size=16,
                        n_slc_blocks=4)  # LTIS selects from L = 81
-LONG_HISTORY = dict(ltis_compression="mean", use_rope=False, gate_bias_ltis=10.0)  # README, docs/long_histories.md
 
 
 def small_attention(runtime=None, **kw):

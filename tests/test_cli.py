@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import recbole_blossom
+from recbole_blossom.hparams import LONG_HISTORY
 
 CLI = str(Path(__file__).resolve().parents[1] / "run_recbole_blossom.py")
 spec = importlib.util.spec_from_file_location("run_recbole_blossom", CLI)
@@ -47,8 +49,10 @@ def readme_long_history_yaml():
 def test_readme_long_history_yaml_trains(tmp_path, tiny_args):
     """The README's long-history settings as the user would pass them (its yaml file; the tiny sizes, a length
     where LTIS selects, on the command line, which wins over files) reach the model and train."""
+    block = readme_long_history_yaml()
+    assert {key: yaml.safe_load(block)[key] for key in LONG_HISTORY} == LONG_HISTORY  # what the benchmarks name
     config = tmp_path / "long.yaml"
-    config.write_text(readme_long_history_yaml())
+    config.write_text(block)
     res = cli(["--model=BlossomSASRec", "--dataset=ml-100k", f"--config_files={config}", *tiny_args], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr

@@ -10,6 +10,7 @@ from recbole.utils import init_seed
 
 import recbole_blossom
 from recbole_blossom import BlossomConfig, BlossomSASRec
+from recbole_blossom.hparams import LONG_HISTORY
 
 TINY = {
     "user_inter_num_interval": "[20,30]",  # about 200 users of ml-100k: seconds per epoch on 2 cores
@@ -140,7 +141,7 @@ def test_prediction_at_t_ignores_later_items(data):
 
 @pytest.mark.parametrize("settings", [
     dict(ltis_compression="mlp"), dict(ltis_compression="mean"),
-    dict(ltis_compression="mean", use_rope=False, gate_bias_ltis=10.0),  # the README's long-history settings
+    LONG_HISTORY,  # the README's long-history settings
     dict(ltis_compression="mean", ltis_score_pool="head")])  # blocks picked per query head
 def test_invariances_where_ltis_selects(data, settings):
     """Small LTIS blocks (selection from L = 13 on: 2 of up to 9 past blocks at L = 40), either compression and the
