@@ -189,8 +189,9 @@ def write_inter(path, histories, chunk_rows=2_000_000):
             np.concatenate(parts, axis=1).tofile(f)
 
 
-def make(users, history, items, seed, out, name="long", **options):
-    """Generate and write ``out/name/name.inter`` unless a set with the same arguments is there; returns its folder."""
+def make(users, history, items, seed, out, name="long", histories=None, **options):
+    """Generate and write ``out/name/name.inter`` unless a set with the same arguments is there; returns its folder.
+    ``histories``: what :func:`generate` gives for these arguments, when the caller has it already."""
     options = {**DEFAULTS, **options}
     args = {"users": users, "history": history, "items": items, "seed": seed, **options}
     folder = os.path.join(out, name)
@@ -200,7 +201,9 @@ def make(users, history, items, seed, out, name="long", **options):
             if json.load(f) == args:
                 return folder
     os.makedirs(folder, exist_ok=True)
-    write_inter(inter + ".part", generate(users, history, items, seed, **options))
+    if histories is None:
+        histories = generate(users, history, items, seed, **options)
+    write_inter(inter + ".part", histories)
     os.replace(inter + ".part", inter)
     with open(meta, "w") as f:
         json.dump(args, f, indent=1)
@@ -225,14 +228,15 @@ def main(argv=None):
     if any(L < 1 for L in report):
         parser.error(f"--report lengths must be >= 1, got {report}")
     start = time.perf_counter()
-    try:
-        folder = make(**args)
+    options = {key: args[key] for key in DEFAULTS}
+    try:  # the report needs the histories even where the set is on disk already; generated once either way
+        histories = (generate(args["users"], args["history"], args["items"], args["seed"], **options) if report
+                     else None)
+        folder = make(**args, histories=histories)
     except ValueError as err:
         parser.error(str(err))
     print(f"{folder}: {args['users']} users x {args['history']} in {time.perf_counter() - start:.1f} s")
     if report:
-        options = {key: args[key] for key in DEFAULTS}
-        histories = generate(args["users"], args["history"], args["items"], args["seed"], **options)
         for row in window_report(histories, report, args["items"] // args["clusters"]):
             print(json.dumps(row))
 
