@@ -14,9 +14,12 @@ Models (reference settings: hidden 128, 2 layers, 8 heads; BlossomSASRec with 2 
 
 Every batch holds the same number of tokens (``--tokens``, batch = tokens // L), all sequences full length.
 A training step is forward, CE loss over all items, backward and an Adam step; an inference batch is
-``full_sort_predict`` (scores over all items) in eval mode under ``no_grad``. Times are medians of
+``full_sort_predict`` (scores over all items) in eval mode under ``no_grad``, which for the plugin models (not
+RecBole's ``SASRec``) replays the encoder from a CUDA graph (``eval_cuda_graph``, their default; ``--no-eval-graph``
+runs it eagerly). Times are medians of
 ``--repeats`` CUDA-event timings after ``--warmup`` steps; memory is ``torch.cuda.max_memory_allocated``
-over the timed steps (parameters and optimizer state included). A run that runs out of memory reads OOM.
+over the timed steps (parameters and optimizer state included; for inference over the warm-up too, where the graph
+is recorded). A run that runs out of memory reads OOM.
 No data files are needed: the models are built from a config dict and a stand-in dataset.
 
     python benchmarks/efficiency.py --out bench_out            # the table, CSV and plot
@@ -86,14 +89,19 @@ def make_batch(batch, max_len, n_items, device, gen):
             "item_id": torch.randint(1, n_items, (batch,), generator=gen).to(device)}
 
 
-def timed(fn, warmup, repeats, device):
-    """Median milliseconds of ``fn()`` and the peak memory (MiB) over the timed calls."""
+def timed(fn, warmup, repeats, device, peak_from_start=False):
+    """Median milliseconds of ``fn()`` and the peak memory (MiB) over the timed calls (``peak_from_start``: over
+    the warm-up calls too, where an inference records its CUDA graph: its memory stays in the graph's pool)."""
+    if device.type == "cuda" and peak_from_start:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         fn()
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if not peak_from_start:
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -116,6 +124,11 @@ def is_oom(err):
 def free(device):
     gc.collect()
     if device.type == "cuda":
+        # cuBLAS keeps a workspace per stream (32 MiB each on an H100) in the caching allocator: the streams an
+        # inference graph records on would otherwise count in every later model's peak memory
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         torch.cuda.empty_cache()
 
 
@@ -147,7 +160,7 @@ def measure(name, cls, extra, max_len, batch, args, device, dtype, with_infer=Tr
         opt.zero_grad(set_to_none=True)
         model.eval()
         if with_infer:
-            row["infer_ms"], row["infer_mib"] = timed(infer_batch, args.warmup, args.repeats, device)
+            row["infer_ms"], row["infer_mib"] = timed(infer_batch, args.warmup, args.repeats, device, True)
         row["status"] = "ok"
     except (RuntimeError, torch.OutOfMemoryError) as err:
         if not is_oom(err):
@@ -291,6 +304,8 @@ def main():
                         help="bf16 / fp16 = autocast in that precision")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench_out", help="folder for the CSV and the plot")
+    parser.add_argument("--no-eval-graph", action="store_true",
+                        help="inference without CUDA graphs (eval_cuda_graph: False) for the plugin models")
     parser.add_argument("--profile", action="store_true", help="profile one training step of each model/L")
     parser.add_argument("--max-len-search", action="store_true")
     parser.add_argument("--batch", type=int, default=64, help="batch size of --max-len-search")
@@ -302,6 +317,8 @@ def main():
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     classes = model_classes()
+    if args.no_eval_graph:
+        classes = {name: (cls, {**extra, "eval_cuda_graph": False}) for name, (cls, extra) in classes.items()}
     unknown = [m for m in args.models or () if m not in classes]
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; allowed: {', '.join(classes)}")

@@ -3,6 +3,7 @@ attention (forward + backward) of each branch, per call, at the reference sizes;
 (``presence``, ``slots``, ``gather``; ``auto`` is what the model runs), without and with attention dropout.
 
     python benchmarks/kernels.py --lengths 200 1024 8192 --tokens 65536
+    python benchmarks/kernels.py --lengths 200 4096 --dtypes bf16 --warps 1 2 4   # num_warps of the tensor-core kernels
 """
 
 import argparse
@@ -32,12 +33,31 @@ def bench(fn, warmup=3, repeats=10):
     return start.elapsed_time(end) / repeats
 
 
+def warps_sweep(q, k, v, idx, dout, warps, L, B, dtype):
+    """The tensor-core LTIS (``slots``) and STIS kernels with ``num_warps = warps`` (the library's choice is in
+    ``parallel._meta``; this wraps it for the sweep only)."""
+    meta_of = parallel._meta_of
+    parallel._meta_of = lambda *a: {**meta_of(*a), "num_warps": warps}
+    try:
+        for name, op in (("ltis slots", lambda *x: parallel.gathered_attention(*x, idx, 16, kernel="slots")),
+                         ("stis", lambda *x: parallel.stis_attention(*x, 8, True))):
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            fwd = bench(lambda: op(*leaves))
+            both = bench(lambda: op(*leaves).backward(dout))
+            print(f"L={L:6d} B={B:4d} {str(dtype)[6:]:8s} {name} num_warps={warps}: fwd {fwd:.3f} ms, "
+                  f"fwd+bwd {both:.3f} ms", flush=True)
+    finally:
+        parallel._meta_of = meta_of
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--sweep", action="store_true", help="also sweep the selection kernel's tile sizes")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--warps", type=int, nargs="+", default=None,
+                        help="also time the tensor-core LTIS (slots) and STIS kernels with each of these num_warps")
     args = parser.parse_args()
     H, Hkv, D = 8, 2, 16
     print(f"device: {torch.cuda.get_device_name()} | triton {parallel.triton.__version__}")
@@ -75,6 +95,8 @@ def main():
             both = bench(step)
             print(f"L={L:6d} B={B:4d} {str(dtype)[6:]:8s} {name} attention fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms",
                   flush=True)
+        for w in args.warps or ():
+            warps_sweep(q, k, v, idx, dout, w, L, B, dtype)
         chunks, counts = parallel.tile_chunks(idx, 16, L)
         print(f"L={L:6d} LTIS chunks per tile: mean {counts.float().mean():.1f}, max {int(counts.max())}; "
               f"tile_presence (in the ltis presence times) {bench(lambda: parallel.tile_presence(idx, 16, L)):.3f} ms",

@@ -4,7 +4,7 @@ import pytest
 import torch
 from memory_probe import LargestTensor
 from recbole.data.interaction import Interaction
-from tiny_runs import TINY, inside
+from tiny_runs import TINY, inside, model_without_data
 
 import recbole_blossom
 from recbole_blossom import BlossomConfig, BlossomLinRec, BlossomSASRec, LinRec, SASRecSDPA
@@ -22,17 +22,8 @@ CAUSAL = [(BlossomSASRec, {}), (SASRecSDPA, {}), (BlossomLinRec, {}), (LinRec, {
 N_ITEMS = 40
 
 
-class Items:
-    """What ``SequentialRecommender.__init__`` reads from a dataset: the number of items."""
-
-    def num(self, field):
-        return N_ITEMS
-
-
 def build(model_class, **overrides):
-    config = BlossomConfig(model=model_class.__name__, dataset="ml-100k", config_dict={**SIZES, **overrides})
-    torch.manual_seed(0)
-    return model_class(config, Items())
+    return model_without_data(model_class, N_ITEMS, {**SIZES, **overrides})
 
 
 def histories(seed=0):

@@ -1,9 +1,13 @@
-"""Tiny CPU runs on RecBole's bundled ml-100k, shared by the reliability and checkpoint tests."""
+"""Tiny CPU runs on RecBole's bundled ml-100k, shared by the reliability and checkpoint tests, and models built
+without data (a stand-in dataset that only counts items)."""
 
 import contextlib
 import os
 
 import pytest
+import torch
+
+from recbole_blossom import BlossomConfig
 
 # BlossomSASRec/SASRec small enough for a few seconds on 2 CPU cores: the users with 20-24 interactions.
 TINY = {
@@ -37,3 +41,20 @@ def inside(directory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(directory)
         yield
+
+
+class Items:
+    """What ``SequentialRecommender.__init__`` reads from a dataset: the number of items."""
+
+    def __init__(self, n_items):
+        self.n_items = n_items
+
+    def num(self, field):
+        return self.n_items
+
+
+def model_without_data(model_class, n_items, config_dict):
+    """``model_class`` on ml-100k's config with ``config_dict`` and ``n_items`` items, seeded, without data."""
+    config = BlossomConfig(model=model_class.__name__, dataset="ml-100k", config_dict=config_dict)
+    torch.manual_seed(0)
+    return model_class(config, Items(n_items))

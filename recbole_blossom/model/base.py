@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from recbole.model.sequential_recommender import SASRec
 from torch.utils.checkpoint import checkpoint
 
+from recbole_blossom.model.eval_graph import GraphedForward
+
 SEQ_TRAIN_MODES = ("per_prefix", "every_position")
 
 
@@ -71,6 +73,8 @@ class AttentionSASRec(SASRec):
         self.causal = self.every_position_supported(config)
         self.loss_chunk_size = setting(config, "loss_chunk_size", 1024)
         self.use_position_embedding = self.position_embedding_setting(config)
+        self.eval_cuda_graph = self.eval_cuda_graph_setting(config)
+        self._eval_graphs = GraphedForward()
         if not self.use_position_embedding:
             del self.position_embedding
         for layer in self.trm_encoder.layer:
@@ -93,6 +97,7 @@ class AttentionSASRec(SASRec):
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
             raise ValueError(f"loss_chunk_size must be a positive integer, got {chunk!r}")
         cls.position_embedding_setting(config)
+        cls.eval_cuda_graph_setting(config)
 
     @classmethod
     def position_embedding_setting(cls, config):
@@ -101,6 +106,15 @@ class AttentionSASRec(SASRec):
         use = setting(config, "use_position_embedding", cls.use_position_embedding)
         if not isinstance(use, bool):
             raise ValueError(f"use_position_embedding must be True or False, got {use!r}")
+        return use
+
+    @staticmethod
+    def eval_cuda_graph_setting(config):
+        """``eval_cuda_graph`` (default True): whether ``full_sort_predict`` on the GPU in eval mode encodes through
+        CUDA graphs (:mod:`recbole_blossom.model.eval_graph`)."""
+        use = setting(config, "eval_cuda_graph", True)
+        if not isinstance(use, bool):
+            raise ValueError(f"eval_cuda_graph must be True or False, got {use!r}")
         return use
 
     @classmethod
@@ -151,6 +165,37 @@ class AttentionSASRec(SASRec):
     def forward(self, item_seq, item_seq_len):
         """Output at the last real position: ``(B, L)``, ``(B,)`` -> ``(B, hidden)``."""
         return self.gather_indexes(self.sequence_output(item_seq, item_seq_len), item_seq_len - 1)
+
+    def encode(self, item_seq, item_seq_len):
+        """:meth:`forward`, replayed from a CUDA graph where ``eval_cuda_graph`` allows it (eval mode, no autograd,
+        CUDA tensors); the same values either way."""
+        if self.eval_cuda_graph and not self.training and GraphedForward.usable(item_seq, item_seq_len):
+            return self._eval_graphs(self.forward, item_seq, item_seq_len)
+        return self.forward(item_seq, item_seq_len)
+
+    def full_sort_predict(self, interaction):
+        """SASRec's: scores of every item ``(B, n_items)`` from the output at the last real position."""
+        seq_output = self.encode(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return torch.matmul(seq_output, self.item_embedding.weight.transpose(0, 1))
+
+    # the graphs read the parameters where they are: drop them when the parameters move or may be replaced, and
+    # when training starts again (their memory is the training's)
+    def train(self, mode=True):
+        self.clear_eval_graphs()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_eval_graphs()
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.clear_eval_graphs()
+        return super().load_state_dict(*args, **kwargs)
+
+    def clear_eval_graphs(self):
+        graphs = getattr(self, "_eval_graphs", None)  # None while __init__ runs
+        if graphs is not None:
+            graphs.clear()
 
     def predict(self, interaction):
         """SASRec's ``predict`` (a score per row for its ``ITEM_ID``), encoding each distinct history once: the

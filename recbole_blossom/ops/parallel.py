@@ -711,8 +711,9 @@ def select_blocks(q, k_cmp, mem_key, block_len, stride, select_size, n_select, c
     pool_heads = H // Hkv if pool == "logits" else 1  # logits: the kernel scores the group-mean query
     H = H // pool_heads
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    # the kernel converts on load: no float32 copies of q and k_cmp
-    q, k_cmp, mem_key = q.detach().contiguous(), k_cmp.detach().contiguous(), mem_key.detach().contiguous()
+    # the kernel converts on load and reads q through its strides: no float32 copies, and no copy of a q that is
+    # a view of the layer's fused projection (without RoPE; it cost a (B, H, L, D) copy a layer)
+    q, k_cmp, mem_key = _last_dim_dense(q.detach()), _last_dim_dense(k_cmp.detach()), mem_key.detach().contiguous()
     idx = torch.empty(B, Hkv, L, n_select + 1, dtype=torch.int32, device=q.device)
     launch(_select_kernel, (_cdiv(L, bt), B * Hkv),
            q, k_cmp, mem_key, idx, L, n_cmp, scale, *q.stride()[:3], *k_cmp.stride()[:3], *idx.stride()[:3],
@@ -974,7 +975,7 @@ def _meta(H, Hkv, D, S, fp32, plan, dropout):
     return dict(HKV=Hkv, G=H // Hkv, G_P2=G_P2, D=D, D_P2=max(16, _next_pow2(D)), S=S,
                 S_P2=_next_pow2(S), PATTERN=1 if stis else 0, BLOCK=plan.block,
                 UNIFORM=plan.block % KB == 0, WINDOW=plan.window, SINK=plan.sink, QB=plan.qb, KB=KB, DROPOUT=dropout,
-                PRECISION="ieee" if fp32 else "tf32", WALK=plan.walk, num_warps=4 if plan.qb * G_P2 > 16 else 2)
+                PRECISION="ieee" if fp32 else "tf32", WALK=plan.walk, num_warps=4 if plan.qb * G_P2 > 16 else 1)
 
 
 _PLACEHOLDERS = {}  # device -> tiny int32 tensors for kernel arguments a walk does not read (no launch per call)

@@ -1,0 +1,84 @@
+"""CUDA graphs of a model's inference forward (``eval_cuda_graph``): the host launches nothing per layer.
+
+In evaluation a batch of user histories is encoded without autograd, dropout or random numbers, and every full
+batch has the same shape, so the encoder's kernels can be recorded once and replayed. On the GPU the encoder's
+forward was bound by the host at the reference sizes (tens of launches a layer, ~2-4 ms a batch at any L on an
+H100, ``benchmarks/NOTES.md``); a replay costs the GPU time alone.
+
+:class:`GraphedForward` runs ``fn(*tensors) -> tensor``: the first call with a new *key* (shapes, dtypes,
+device, autocast state) runs ``fn`` eagerly, which also fills the kernels' caches; the second records a graph
+of it; later calls copy their inputs into the graph's and replay it, and return a copy of its output (the next
+replay overwrites the graph's own). A shape seen once (an evaluation's last, smaller batch) is never recorded.
+The graphs hold their memory until :meth:`GraphedForward.clear`, which the model calls when it goes back to
+training, moves or loads weights. The graph reads the parameters where they are, so values loaded in place are
+seen by the next replay.
+"""
+
+import torch
+
+MAX_GRAPHS = 4  # keys recorded at once; beyond, all are dropped (shapes that keep changing: eager is as good)
+_SIDE_STREAMS = {}  # device -> the stream of the warm-ups before recording: one per device, because each new
+# stream that runs a matrix product gets its own cuBLAS workspace (32 MiB on an H100) that lives as long as the process
+
+
+class GraphedForward:
+    """``fn(*inputs)`` through a CUDA graph per input key, from the second call of a key on (``fn`` is given with
+    each call, always the same function: the model's ``forward``; holding it would tie the cache to the model)."""
+
+    def __init__(self):
+        self.seen, self.graphs, self.pool = set(), {}, None
+
+    def __deepcopy__(self, memo):  # a copied model records its own graphs (of its own parameters)
+        return GraphedForward()
+
+    def __getstate__(self):  # graphs are not picklable and belong to this process's parameters
+        return {}
+
+    def __setstate__(self, state):
+        self.clear()
+
+    def clear(self):
+        """Drop every graph and its memory pool."""
+        self.seen, self.graphs, self.pool = set(), {}, None
+
+    @staticmethod
+    def usable(*inputs):
+        """Whether a graph may replace the call: CUDA tensors, no autograd, not inside another capture."""
+        return (all(t.is_cuda for t in inputs) and not torch.is_grad_enabled()
+                and not torch.cuda.is_current_stream_capturing())
+
+    def __call__(self, fn, *inputs):
+        key = (tuple((t.shape, t.dtype, t.device) for t in inputs), torch.is_autocast_enabled("cuda"),
+               torch.get_autocast_dtype("cuda"))
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key not in self.seen:
+                self.seen.add(key)
+                return fn(*inputs)
+            if len(self.graphs) >= MAX_GRAPHS:
+                self.clear()
+            entry = self.graphs[key] = self._record(fn, inputs, key[1], key[2])
+        static_inputs, graph, output = entry
+        for static, x in zip(static_inputs, inputs):
+            static.copy_(x)
+        graph.replay()
+        return output.clone()
+
+    def _record(self, fn, inputs, autocast, dtype):
+        device = inputs[0].device
+        static_inputs = tuple(x.clone() for x in inputs)
+        # autocast's cache of cast weights would hand the graph copies that are freed when the caller's autocast
+        # region ends: record with the same autocast state and no cache
+        region = torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False)
+        if device not in _SIDE_STREAMS:
+            _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+        side = _SIDE_STREAMS[device]
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), region:
+            fn(*static_inputs)  # a warm-up on a side stream, as recording needs
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.graph(graph, pool=self.pool), region:
+            output = fn(*static_inputs)
+        self.pool = graph.pool()  # every graph of this model shares one pool
+        return static_inputs, graph, output
