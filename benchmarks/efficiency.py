@@ -15,11 +15,10 @@ Models (reference settings: hidden 128, 2 layers, 8 heads; BlossomSASRec with 2 
 Every batch holds the same number of tokens (``--tokens``, batch = tokens // L), all sequences full length.
 A training step is forward, CE loss over all items, backward and an Adam step; an inference batch is
 ``full_sort_predict`` (scores over all items) in eval mode under ``no_grad``, which for the plugin models (not
-RecBole's ``SASRec``) replays the encoder from a CUDA graph (``eval_cuda_graph``, their default; ``--no-eval-graph``
-runs it eagerly). Times are medians of
-``--repeats`` CUDA-event timings after ``--warmup`` steps; memory is ``torch.cuda.max_memory_allocated``
-over the timed steps (parameters and optimizer state included; for inference over the warm-up too, where the graph
-is recorded). A run that runs out of memory reads OOM.
+RecBole's ``SASRec``) replays the encoder from a CUDA graph (``eval_cuda_graph``, their default;
+``--no-eval-graph`` runs it eagerly). Times are medians of ``--repeats`` CUDA-event timings after ``--warmup``
+steps; memory is ``torch.cuda.max_memory_allocated`` over the timed steps (parameters and optimizer state included;
+for inference over the warm-up too, where the graph is recorded). A run that runs out of memory reads OOM.
 No data files are needed: the models are built from a config dict and a stand-in dataset.
 
     python benchmarks/efficiency.py --out bench_out            # the table, CSV and plot

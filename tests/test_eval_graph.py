@@ -184,3 +184,16 @@ def test_recbole_evaluation_with_and_without_graphs_gives_the_same_metrics(tmp_p
 
 def test_usable_needs_cuda_tensors():
     assert not GraphedForward.usable(torch.zeros(2))
+
+
+def test_a_forward_that_cannot_be_recorded_is_an_error_naming_the_key(monkeypatch):
+    """Recording fails (here: stubbed, as a forward that waits on the host fails on the GPU): the error says how to
+    evaluate without graphs; the first call of a key runs eagerly and records nothing."""
+    def fail(self, *args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(GraphedForward, "_record", fail)
+    graphs, x = GraphedForward(), torch.ones(3)
+    assert torch.equal(graphs(torch.neg, x), -x)
+    with pytest.raises(RuntimeError, match="eval_cuda_graph: False") as err:
+        graphs(torch.neg, x)
+    assert "stream is capturing" in str(err.value) and not graphs.graphs

@@ -1,4 +1,5 @@
-"""The one way the plugin puts an attention into a RecBole transformer, and the every-position loss.
+"""The one way the plugin puts an attention into a RecBole transformer, the every-position loss, and the encoder's
+inference through CUDA graphs on the GPU (``eval_cuda_graph``, :mod:`recbole_blossom.model.eval_graph`).
 
 A plugin model is RecBole's ``SASRec`` (item embedding, feed-forward layers, CE/BPR loss, prediction) with
 two choices: the attention layer (:meth:`AttentionSASRec.build_attention`) and whether the learned absolute

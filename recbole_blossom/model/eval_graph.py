@@ -11,12 +11,14 @@ of it; later calls copy their inputs into the graph's and replay it, and return 
 replay overwrites the graph's own). A shape seen once (an evaluation's last, smaller batch) is never recorded.
 The graphs hold their memory until :meth:`GraphedForward.clear`, which the model calls when it goes back to
 training, moves or loads weights. The graph reads the parameters where they are, so values loaded in place are
-seen by the next replay.
+seen by the next replay. A forward that waits on the host (``.item()``, a boolean mask) cannot be recorded: the
+error says to set ``eval_cuda_graph: False``.
 """
 
 import torch
 
 MAX_GRAPHS = 4  # keys recorded at once; beyond, all are dropped (shapes that keep changing: eager is as good)
+MAX_SEEN = 256  # keys remembered as seen once; beyond, forgotten (a caller whose every batch has its own shape)
 _SIDE_STREAMS = {}  # device -> the stream of the warm-ups before recording: one per device, because each new
 # stream that runs a matrix product gets its own cuBLAS workspace (32 MiB on an H100) that lives as long as the process
 
@@ -53,11 +55,17 @@ class GraphedForward:
         entry = self.graphs.get(key)
         if entry is None:
             if key not in self.seen:
+                if len(self.seen) >= MAX_SEEN:
+                    self.seen.clear()
                 self.seen.add(key)
                 return fn(*inputs)
             if len(self.graphs) >= MAX_GRAPHS:
                 self.clear()
-            entry = self.graphs[key] = self._record(fn, inputs, key[1], key[2])
+            try:
+                entry = self.graphs[key] = self._record(fn, inputs, key[1], key[2])
+            except RuntimeError as err:  # e.g. a forward that waits on the host, which a graph cannot hold
+                raise RuntimeError(f"recording the evaluation forward in a CUDA graph failed ({err}); set "
+                                   "eval_cuda_graph: False to evaluate without graphs") from err
         static_inputs, graph, output = entry
         for static, x in zip(static_inputs, inputs):
             static.copy_(x)

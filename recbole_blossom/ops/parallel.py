@@ -969,7 +969,9 @@ def _meta_of(q, k, idx, plan, dropout_p):
 
 @functools.lru_cache(maxsize=None)
 def _meta(H, Hkv, D, S, fp32, plan, dropout):
-    """Compile-time arguments of the tensor-core kernels (cached: building the dict cost ~13 us a launch)."""
+    """Compile-time arguments of the tensor-core kernels (cached: building the dict cost ~13 us a launch). A tile of
+    16 rows (LTIS: 4 positions x 4 heads) runs on one warp: two split each 16 x 16 product and the online softmax
+    between them, and took 1.2-1.7x the forward time (``benchmarks/kernels.py --warps``, ``benchmarks/NOTES.md`` v8)."""
     stis = plan.pattern == "stis"
     G_P2 = _next_pow2(H // Hkv)
     return dict(HKV=Hkv, G=H // Hkv, G_P2=G_P2, D=D, D_P2=max(16, _next_pow2(D)), S=S,
