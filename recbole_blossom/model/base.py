@@ -179,8 +179,8 @@ class AttentionSASRec(SASRec):
         seq_output = self.encode(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         return torch.matmul(seq_output, self.item_embedding.weight.transpose(0, 1))
 
-    # the graphs read the parameters where they are: drop them when the parameters move or may be replaced, and
-    # when training starts again (their memory is the training's)
+    # the graphs read the parameters where they are: drop them when the parameters move or may be replaced, and on
+    # train() and eval() (``eval()`` is ``train(False)``): each evaluation records afresh, and training gets the memory
     def train(self, mode=True):
         self.clear_eval_graphs()
         return super().train(mode)
