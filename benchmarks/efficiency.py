@@ -13,12 +13,15 @@ Models (reference settings: hidden 128, 2 layers, 8 heads; BlossomSASRec with 2 
   (``n_kv_heads: 8``), or with 2 kv heads and blocks picked per query head (``ltis_score_pool: head``).
 
 Every batch holds the same number of tokens (``--tokens``, batch = tokens // L), all sequences full length.
-A training step is forward, CE loss over all items, backward and an Adam step; an inference batch is
+A training step is forward, CE loss over all items, backward and an Adam step, which for the plugin models replays
+the encoder's forward and backward from CUDA graphs (``train_cuda_graph``, their default; ``--no-train-graph``
+runs them eagerly); an inference batch is
 ``full_sort_predict`` (scores over all items) in eval mode under ``no_grad``, which for the plugin models (not
 RecBole's ``SASRec``) replays the encoder from a CUDA graph (``eval_cuda_graph``, their default;
 ``--no-eval-graph`` runs it eagerly). Times are medians of ``--repeats`` CUDA-event timings after ``--warmup``
 steps; memory is ``torch.cuda.max_memory_allocated`` over the timed steps (parameters and optimizer state included;
-for inference over the warm-up too, where the graph is recorded). A run that runs out of memory reads OOM.
+for training plus what the training graphs' pool holds between steps, the activations' space; for inference over
+the warm-up too, where the graph is recorded). A run that runs out of memory reads OOM.
 No data files are needed: the models are built from a config dict and a stand-in dataset.
 
     python benchmarks/efficiency.py --out bench_out            # the table, CSV and plot
@@ -155,6 +158,10 @@ def measure(name, cls, extra, max_len, batch, args, device, dtype, with_infer=Tr
 
         model.train()
         row["train_ms"], row["train_mib"] = timed(train_step, args.warmup, args.repeats, device)
+        graphs = getattr(model, "_train_graphs", None)
+        if graphs is not None and device.type == "cuda":  # replays write into the pool, not through the allocator
+            reserved, allocated = graphs.pool_bytes()
+            row["train_mib"] += (reserved - allocated) / 2 ** 20
         row["train_tok_per_s"] = batch * max_len / row["train_ms"] * 1e3
         opt.zero_grad(set_to_none=True)
         model.eval()
@@ -305,6 +312,8 @@ def main():
     parser.add_argument("--out", default="bench_out", help="folder for the CSV and the plot")
     parser.add_argument("--no-eval-graph", action="store_true",
                         help="inference without CUDA graphs (eval_cuda_graph: False) for the plugin models")
+    parser.add_argument("--no-train-graph", action="store_true",
+                        help="training without CUDA graphs (train_cuda_graph: False) for the plugin models")
     parser.add_argument("--profile", action="store_true", help="profile one training step of each model/L")
     parser.add_argument("--max-len-search", action="store_true")
     parser.add_argument("--batch", type=int, default=64, help="batch size of --max-len-search")
@@ -316,8 +325,9 @@ def main():
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     classes = model_classes()
-    if args.no_eval_graph:
-        classes = {name: (cls, {**extra, "eval_cuda_graph": False}) for name, (cls, extra) in classes.items()}
+    for flag, key in ((args.no_eval_graph, "eval_cuda_graph"), (args.no_train_graph, "train_cuda_graph")):
+        if flag:
+            classes = {name: (cls, {**extra, key: False}) for name, (cls, extra) in classes.items()}
     unknown = [m for m in args.models or () if m not in classes]
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; allowed: {', '.join(classes)}")

@@ -1,5 +1,6 @@
-"""The one way the plugin puts an attention into a RecBole transformer, the every-position loss, and the encoder's
-inference through CUDA graphs on the GPU (``eval_cuda_graph``, :mod:`recbole_blossom.model.eval_graph`).
+"""The one way the plugin puts an attention into a RecBole transformer, the every-position loss, and the encoder
+through CUDA graphs on the GPU, in inference (``eval_cuda_graph``, :mod:`recbole_blossom.model.eval_graph`) and in
+training (``train_cuda_graph``, :mod:`recbole_blossom.model.train_graph`).
 
 A plugin model is RecBole's ``SASRec`` (item embedding, feed-forward layers, CE/BPR loss, prediction) with
 two choices: the attention layer (:meth:`AttentionSASRec.build_attention`) and whether the learned absolute
@@ -19,6 +20,7 @@ from recbole.model.sequential_recommender import SASRec
 from torch.utils.checkpoint import checkpoint
 
 from recbole_blossom.model.eval_graph import GraphedForward
+from recbole_blossom.model.train_graph import GraphedTraining
 
 SEQ_TRAIN_MODES = ("per_prefix", "every_position")
 
@@ -74,8 +76,9 @@ class AttentionSASRec(SASRec):
         self.causal = self.every_position_supported(config)
         self.loss_chunk_size = setting(config, "loss_chunk_size", 1024)
         self.use_position_embedding = self.position_embedding_setting(config)
-        self.eval_cuda_graph = self.eval_cuda_graph_setting(config)
-        self._eval_graphs = GraphedForward()
+        self.eval_cuda_graph = self.cuda_graph_setting(config, "eval_cuda_graph")
+        self.train_cuda_graph = self.cuda_graph_setting(config, "train_cuda_graph")
+        self._eval_graphs, self._train_graphs = GraphedForward(), GraphedTraining()
         if not self.use_position_embedding:
             del self.position_embedding
         for layer in self.trm_encoder.layer:
@@ -98,7 +101,8 @@ class AttentionSASRec(SASRec):
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
             raise ValueError(f"loss_chunk_size must be a positive integer, got {chunk!r}")
         cls.position_embedding_setting(config)
-        cls.eval_cuda_graph_setting(config)
+        cls.cuda_graph_setting(config, "eval_cuda_graph")
+        cls.cuda_graph_setting(config, "train_cuda_graph")
 
     @classmethod
     def position_embedding_setting(cls, config):
@@ -110,12 +114,13 @@ class AttentionSASRec(SASRec):
         return use
 
     @staticmethod
-    def eval_cuda_graph_setting(config):
-        """``eval_cuda_graph`` (default True): whether ``full_sort_predict`` on the GPU in eval mode encodes through
-        CUDA graphs (:mod:`recbole_blossom.model.eval_graph`)."""
-        use = setting(config, "eval_cuda_graph", True)
+    def cuda_graph_setting(config, key):
+        """``eval_cuda_graph`` / ``train_cuda_graph`` (default True): whether, on the GPU, ``full_sort_predict`` in
+        eval mode (:mod:`recbole_blossom.model.eval_graph`) / the encoder in a training step
+        (:mod:`recbole_blossom.model.train_graph`) runs through CUDA graphs."""
+        use = setting(config, key, True)
         if not isinstance(use, bool):
-            raise ValueError(f"eval_cuda_graph must be True or False, got {use!r}")
+            raise ValueError(f"{key} must be True or False, got {use!r}")
         return use
 
     @classmethod
@@ -153,7 +158,16 @@ class AttentionSASRec(SASRec):
         return item_seq_len.to(torch.int32)
 
     def sequence_output(self, item_seq, item_seq_len):
-        """Encoder output at every position: ``(B, L)`` items and ``(B,)`` lengths -> ``(B, L, hidden)``."""
+        """Encoder output at every position: ``(B, L)`` items and ``(B,)`` lengths -> ``(B, L, hidden)``; in
+        training on the GPU through CUDA graphs where ``train_cuda_graph`` allows it (the same function)."""
+        if self.train_cuda_graph and self.training and GraphedTraining.usable(item_seq, item_seq_len):
+            params = tuple(p for p in self.parameters() if p.requires_grad)
+            if params:
+                return self._train_graphs(self, self.encoder_output, params, item_seq, item_seq_len)
+        return self.encoder_output(item_seq, item_seq_len)
+
+    def encoder_output(self, item_seq, item_seq_len):
+        """:meth:`sequence_output`, eagerly."""
         input_emb = self.item_embedding(item_seq)
         if self.use_position_embedding:
             positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0)
@@ -180,23 +194,26 @@ class AttentionSASRec(SASRec):
         return torch.matmul(seq_output, self.item_embedding.weight.transpose(0, 1))
 
     # the graphs read the parameters where they are: drop them when the parameters move or may be replaced, and on
-    # train() and eval() (``eval()`` is ``train(False)``): each evaluation records afresh, and training gets the memory
+    # train() and eval() (``eval()`` is ``train(False)``): each evaluation and each epoch records afresh, and each
+    # gets the memory of the other's graphs
     def train(self, mode=True):
-        self.clear_eval_graphs()
+        self.clear_cuda_graphs()
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self.clear_eval_graphs()
+        self.clear_cuda_graphs()
         return super()._apply(fn, *args, **kwargs)
 
     def load_state_dict(self, *args, **kwargs):
-        self.clear_eval_graphs()
+        self.clear_cuda_graphs()
         return super().load_state_dict(*args, **kwargs)
 
-    def clear_eval_graphs(self):
-        graphs = getattr(self, "_eval_graphs", None)  # None while __init__ runs
-        if graphs is not None:
-            graphs.clear()
+    def clear_cuda_graphs(self):
+        """Drop the inference and training graphs and their memory."""
+        for name in ("_eval_graphs", "_train_graphs"):
+            graphs = getattr(self, name, None)  # None while __init__ runs
+            if graphs is not None:
+                graphs.clear()
 
     def predict(self, interaction):
         """SASRec's ``predict`` (a score per row for its ``ITEM_ID``), encoding each distinct history once: the

@@ -23,10 +23,10 @@
     ``dq`` per row, ``dk, dv`` summed over the heads, then float32 atomics. (In float32 the tensor-core
     family was 2-9x slower at L >= 1024: NOTES.md.)
 
-  Attention dropout draws random numbers that the backward regenerates from the same seed (the seed is not a
-  specialised kernel argument, so a new seed never compiles a new kernel): a Philox number per score in the
-  float32 kernels; in the tensor-core kernels a 32-bit integer hash of (seed, batch x head, query, key) per
-  score, two multiplies each, in the score tile's own layout (``p`` is rounded to a multiple of 2^-32).
+  Attention dropout draws random numbers that the backward regenerates from the same seed (read from a device
+  tensor: a new seed never compiles a new kernel, and a CUDA graph replays with new seeds): a Philox number per
+  score in the float32 kernels; in the tensor-core kernels a 32-bit integer hash of (seed, batch x head, query,
+  key) per score, two multiplies each, in the score tile's own layout (``p`` is rounded to a multiple of 2^-32).
 * :func:`branch_attention`: what the layer calls, both branches and the gate. On the tensor-core kernels one
   autograd node (each Python autograd node and launch costs the host tens of microseconds, and the step is
   bound by the host): LTIS and STIS forward, the gate; backward the gate, then both branches' kernels into one
@@ -247,13 +247,14 @@ if triton is not None:
         idx_off = b * sib + hkv * sih + offs_t[:, None] * sil
         return b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, bh
 
-    @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
-    def _fwd_kernel(Q, K, V, O, LSE, IDX, LENS, L, scale, dropout_p, seed,
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, IDX, LENS, L, scale, dropout_p, SEED,
                     sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
                     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
                     D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr,
                     SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK_: tl.constexpr,
                     BT: tl.constexpr, DROPOUT: tl.constexpr):
+        seed = tl.load(SEED)  # on the device: a replayed CUDA graph draws a new one
         b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, bh = _tile(
             Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV, G, G_P2, D, D_P2, BT)
         offs_c = tl.arange(0, CHUNK_)
@@ -275,13 +276,14 @@ if triton is not None:
         tl.store(O + row, out.to(O.dtype.element_ty), mask=row_mask)
         tl.store(LSE + bh * L + offs_t, m + tl.log(den_safe), mask=t_ok)
 
-    @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
-    def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, LENS, L, scale, dropout_p, seed,
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, LENS, L, scale, dropout_p, SEED,
                        sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
                        H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
                        D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr,
                        SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK_: tl.constexpr,
                        BT: tl.constexpr, DROPOUT: tl.constexpr):
+        seed = tl.load(SEED)  # on the device: a replayed CUDA graph draws a new one
         b, offs_t, t_ok, offs_d, d_ok, row, row_mask, q, kv_base, idx_off, bh = _tile(
             Q, L, scale, sqb, sqh, sql, skb, skh, sib, sih, sil, HKV, G, G_P2, D, D_P2, BT)
         offs_c = tl.arange(0, CHUNK_)
@@ -302,13 +304,14 @@ if triton is not None:
             dq += tl.sum(ds[:, :, None] * k, axis=1)
         tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
 
-    @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
-    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, LENS, L, scale, dropout_p, seed,
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, LENS, L, scale, dropout_p, SEED,
                          sqb, sqh, sql, skb, skh, skl, sib, sih, sil,
                          H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                          D_P2: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK: tl.constexpr,
                          BLOCK_P2: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
                          CHUNK_: tl.constexpr, BT: tl.constexpr, DROPOUT: tl.constexpr):
+        seed = tl.load(SEED)  # on the device: a replayed CUDA graph draws a new one
         pid_t, bhk = tl.program_id(0), tl.program_id(1)
         b, hkv = (bhk // HKV).to(tl.int64), bhk % HKV
         offs_t = pid_t * BT + tl.arange(0, BT)
@@ -497,13 +500,14 @@ if triton is not None:
     # slots read straight from IDX, each distinct block once (LTIS with blocks of whole chunks: nothing to build
     # or scan, so tiles can be small and visit only what their few queries chose).
 
-    @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
-    def _tc_fwd_kernel(Q, K, V, O, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
+    @triton.jit
+    def _tc_fwd_kernel(Q, K, V, O, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, SEED,
                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sib, sih, sil, scb, sch, sct, snb, snh,
                     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
                     UNIFORM: tl.constexpr, WINDOW: tl.constexpr, SINK: tl.constexpr, QB: tl.constexpr,
                     KB: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WALK: tl.constexpr):
+        seed = tl.load(SEED)  # on the device: a replayed CUDA graph draws a new one
         b, hkv, t, row_ok, offs_d, d_ok, row, row_mask, bh = _tile_rows(Q, L, sqb, sqh, sql, QB, HKV, G, G_P2, D,
                                                                         D_P2)
         q = tl.load(Q + row, mask=row_mask, other=0.0)
@@ -540,8 +544,8 @@ if triton is not None:
         tl.store(O + row, out.to(O.dtype.element_ty), mask=row_mask)
         tl.store(LSE + bh * L + t, m + tl.log(den_safe), mask=row_ok)
 
-    @triton.jit(do_not_specialize=["seed"])  # a new seed each call: one compiled kernel
-    def _tc_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, seed,
+    @triton.jit
+    def _tc_bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, IDX, CH, CNT, LENS, L, scale, dropout_p, SEED,
                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sib, sih, sil, scb, sch, sct, snb, snh,
                     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                     S: tl.constexpr, S_P2: tl.constexpr, PATTERN: tl.constexpr, BLOCK: tl.constexpr,
@@ -551,6 +555,7 @@ if triton is not None:
         """dq of the tile's rows (added to what ``DQ`` holds with ``ACC_DQ``: the second branch of a fused
         call); dk, dv of each visited chunk summed over the tile's rows in one tl.dot, then added into float32
         buffers with atomics (other tiles visit the same chunk)."""
+        seed = tl.load(SEED)  # on the device: a replayed CUDA graph draws a new one
         b, hkv, t, row_ok, offs_d, d_ok, row, row_mask, bh = _tile_rows(Q, L, sqb, sqh, sql, QB, HKV, G, G_P2, D,
                                                                         D_P2)
         q = tl.load(Q + row, mask=row_mask, other=0.0)
@@ -752,12 +757,12 @@ class _GatheredAttention(torch.autograd.Function):
         B, H, L, D = q.shape
         Hkv = k.shape[1]
         meta, strides = _launch_args(q, k, idx, block)
-        seed = _seed(dropout_p)
+        seed = _seeds(dropout_p, lengths)[0]
         out = torch.empty_like(q)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         bt = _rows_per_tile(H // Hkv)
         launch(_fwd_kernel, (_cdiv(L, bt), B * Hkv), q, k, v, out, lse, idx, lengths, L, scale, dropout_p, seed,
-               *strides, unkeyed=("seed",), G_P2=_next_pow2(H // Hkv), BT=bt, DROPOUT=dropout_p > 0.0,
+               *strides, G_P2=_next_pow2(H // Hkv), BT=bt, DROPOUT=dropout_p > 0.0,
                num_warps=4, **meta)
         ctx.save_for_backward(q, k, v, out, lse, idx, lengths)
         ctx.block, ctx.scale, ctx.dropout_p, ctx.seed = block, scale, dropout_p, seed
@@ -774,11 +779,11 @@ class _GatheredAttention(torch.autograd.Function):
         common = (lse, delta, idx, lengths, L, ctx.scale, ctx.dropout_p, ctx.seed, *strides)
         dq = torch.empty_like(q)
         bt = _rows_per_tile(H // Hkv)
-        launch(_bwd_dq_kernel, (_cdiv(L, bt), B * Hkv), q, k, v, dout, dq, *common, unkeyed=("seed",),
+        launch(_bwd_dq_kernel, (_cdiv(L, bt), B * Hkv), q, k, v, dout, dq, *common,
                G_P2=_next_pow2(H // Hkv), BT=bt, DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
         dk = torch.zeros(B, Hkv, L, D, device=q.device, dtype=torch.float32)
         dv = torch.zeros_like(dk)
-        launch(_bwd_dkdv_kernel, (_cdiv(L, 16), B * Hkv), q, k, v, dout, dk, dv, *common, unkeyed=("seed",),
+        launch(_bwd_dkdv_kernel, (_cdiv(L, 16), B * Hkv), q, k, v, dout, dk, dv, *common,
                BT=16, DROPOUT=ctx.dropout_p > 0.0, num_warps=4, **meta)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
@@ -833,10 +838,16 @@ def stis_tile_chunks(length, window, sink, device):
     return tile_chunks(stis_slots(length, window, sink, device), 1, length)
 
 
-def _seed(dropout_p):
-    """A dropout seed drawn from PyTorch's CPU generator (so ``torch.manual_seed`` repeats the masks); 0 without
-    dropout."""
-    return int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0.0 else 0
+def _seeds(dropout_p, lengths):
+    """Dropout seeds of two independent streams (LTIS, STIS), each a one-element int32 tensor on the device that
+    the kernels read: drawn from PyTorch's generator of that device, so ``torch.manual_seed`` repeats the masks,
+    and a CUDA graph that records the draw draws new seeds at each replay (a host integer would be recorded as a
+    constant, and every replayed training step would drop the same scores). Without dropout no draw: ``lengths``
+    is passed in their place and its value is never used."""
+    if dropout_p == 0.0:
+        return lengths, lengths
+    seeds = torch.randint(0, 2 ** 30, (2,), device=lengths.device, dtype=torch.int32)
+    return seeds[:1], seeds[1:]
 
 
 def _block_forward(q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p, seed):
@@ -847,7 +858,7 @@ def _block_forward(q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p
     out = torch.empty_like(q)
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     launch(_tc_fwd_kernel, _grid(q, k, plan), q, k, v, out, lse, idx, chunks, counts, lengths, L, scale, dropout_p,
-           seed, *_strides(q, k, v, idx, chunks, counts), unkeyed=("seed",), **_meta_of(q, k, idx, plan, dropout_p))
+           seed, *_strides(q, k, v, idx, chunks, counts), **_meta_of(q, k, idx, plan, dropout_p))
     return out, lse
 
 
@@ -856,7 +867,7 @@ def _block_backward(q, k, v, out, dout, lse, idx, chunks, counts, lengths, plan,
     """Launch the tensor-core backward: writes ``dq`` (adds to it with ``acc_dq``) and adds dk, dv into the
     float32 ``dkv`` ``(2, B, Hkv, L, D)``."""
     launch(_tc_bwd_kernel, _grid(q, k, plan), q, k, v, out, dout, dq, dkv[0], dkv[1], lse, idx, chunks, counts,
-           lengths, q.shape[2], scale, dropout_p, seed, *_strides(q, k, v, idx, chunks, counts), unkeyed=("seed",),
+           lengths, q.shape[2], scale, dropout_p, seed, *_strides(q, k, v, idx, chunks, counts),
            ACC_DQ=acc_dq, **_meta_of(q, k, idx, plan, dropout_p))
 
 
@@ -870,7 +881,7 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, chunks, counts, plan, lengths, scale, dropout_p):
         q, k, v = _dense_inputs(q, k, v)
-        seed = _seed(dropout_p)
+        seed = _seeds(dropout_p, lengths)[0]
         out, lse = _block_forward(q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse, idx, chunks, counts, lengths)
         ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed = plan, scale, dropout_p, seed
@@ -893,9 +904,9 @@ def _branch_forward(q, k, v, logits, lengths, idx, chunks, counts, plan, s_idx, 
     s_lse)`` (what :class:`_BranchAttention` saves)."""
     q, k, v = _dense_inputs(q, k, v)
     logits = _last_dim_dense(logits)
-    seed = _seed(dropout_p)  # LTIS draws with key seed, STIS with seed + 1: two independent streams
-    ltis, lse = _block_forward(q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p, seed)
-    stis, s_lse = _block_forward(q, k, v, s_idx, s_chunks, s_counts, lengths, s_plan, scale, dropout_p, seed + 1)
+    seed = _seeds(dropout_p, lengths)  # (LTIS's, STIS's): two independent streams
+    ltis, lse = _block_forward(q, k, v, idx, chunks, counts, lengths, plan, scale, dropout_p, seed[0])
+    stis, s_lse = _block_forward(q, k, v, s_idx, s_chunks, s_counts, lengths, s_plan, scale, dropout_p, seed[1])
     B, H, L, D = q.shape
     out = torch.empty(B, L, H * D, device=q.device, dtype=q.dtype)
     _gate_launch(logits, ltis, stis, out, out, ltis, stis, logits, backward=False)
@@ -935,10 +946,10 @@ class _BranchAttention(torch.autograd.Function):
         dkv = torch.zeros(2, *k.shape, device=k.device, dtype=torch.float32)
         plan, s_plan = ctx.plans
         p, seed = ctx.dropout_p, ctx.seed
-        _block_backward(q, k, v, ltis, d_ltis, lse, idx, chunks, counts, lengths, plan, ctx.scale, p, seed, dq, dkv,
-                        False)
+        _block_backward(q, k, v, ltis, d_ltis, lse, idx, chunks, counts, lengths, plan, ctx.scale, p, seed[0], dq,
+                        dkv, False)
         _block_backward(q, k, v, stis, d_stis, s_lse, s_idx, s_chunks, s_counts, lengths, s_plan, ctx.scale, p,
-                        seed + 1, dq, dkv, True)
+                        seed[1], dq, dkv, True)
         dk, dv = dkv.to(k.dtype).unbind(0)
         return (dq, dk, dv, dlog) + (None,) * 11
 
