@@ -17,7 +17,7 @@ from recbole_blossom import BlossomConfig, BlossomSASRec, SASRecSDPA
 from recbole_blossom.model import train_graph
 from recbole_blossom.model.train_graph import GraphedTraining
 
-from test_eval_graph import BATCH, IDS, MODELS, N_ITEMS, build, gpu
+from test_eval_graph import BATCH, IDS, L, MODELS, N_ITEMS, build, gpu
 from test_eval_graph import batch as histories
 
 
@@ -65,6 +65,25 @@ def test_on_the_cpu_training_is_eager():
     expected = model.calculate_loss(data)
     assert torch.equal(loss, expected)
     assert not model._train_graphs.seen and not model._train_graphs.graphs
+
+
+def test_train_graph_max_tokens_default_and_checks():
+    assert BlossomConfig(model="BlossomSASRec", dataset="ml-100k")["train_graph_max_tokens"] == 262144
+    for bad in (-1, 2.5, True, "many"):
+        with pytest.raises(ValueError, match="train_graph_max_tokens must be a non-negative integer"):
+            build(BlossomSASRec, train_graph_max_tokens=bad)
+
+
+@pytest.mark.parametrize("cap, graphed", [(BATCH * L, True), (BATCH * L - 1, False), (0, False)])
+def test_only_batches_up_to_the_token_cap_go_through_the_graphs(monkeypatch, cap, graphed):
+    """A batch of more than ``train_graph_max_tokens`` tokens trains eagerly (a graph's pool holds more memory than
+    an eager step, and a large batch keeps the GPU busier than the host): the cache is asked only up to the cap."""
+    model = build(BlossomSASRec, train_graph_max_tokens=cap).train()
+    calls = []
+    monkeypatch.setattr(GraphedTraining, "usable", staticmethod(lambda *inputs: True))
+    monkeypatch.setattr(model, "_train_graphs", lambda module, fn, params, *inputs: calls.append(1) or fn(*inputs))
+    model.calculate_loss(batch(0))
+    assert bool(calls) == graphed
 
 
 def test_usable_needs_cuda_tensors_and_autograd():
@@ -124,8 +143,8 @@ def test_a_second_forward_before_the_backward_is_an_error():
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("model_class, extra", MODELS, ids=IDS)
 def test_replayed_steps_equal_eager_steps(model_class, extra, autocast):
-    """Two copies of a model (dropout on), one training through graphs, one eagerly, the same batches and the same
-    CUDA generator state at each step, parameters updated in place between steps: every step's loss and
+    """Two copies of a model (dropout on), one training through graphs, one eagerly, the same batches, CUDA generator
+    state and parameters at each step, the parameters changed in place between steps: every step's loss and
     gradients agree, the first step eager, the second recording, the rest replaying; and the masks change from
     step to step (a recorded host seed would replay one mask: the losses of a repeated batch would repeat)."""
     graphed = build(model_class, **extra).cuda().train()
@@ -134,9 +153,12 @@ def test_replayed_steps_equal_eager_steps(model_class, extra, autocast):
     # relative error of each gradient, with a floor: a gradient that is zero in exact arithmetic (a key bias: softmax
     # ignores a shift common to all of a query's scores) is rounding noise in both runs, and in bf16 the graph's
     # rounding may differ a little (it records without autocast's cache of cast weights)
-    tol, floor_share = (1e-5, 1e-3) if autocast is None else (2e-2, 5e-2)
+    tol, floor_share = (1e-4, 1e-3) if autocast is None else (2e-2, 5e-2)
     losses = []
     for step, data in enumerate(batches):
+        with torch.no_grad():  # the same parameters at each step (rounding would otherwise drift them apart)
+            for mine, theirs in zip(graphed.parameters(), eager.parameters()):
+                mine.copy_(theirs)
         loss, grads = loss_and_grads(graphed, data, autocast, seed=100 + step)
         expected_loss, expected = loss_and_grads(eager, data, autocast, seed=100 + step)
         torch.testing.assert_close(loss, expected_loss, rtol=tol, atol=tol)
@@ -145,7 +167,7 @@ def test_replayed_steps_equal_eager_steps(model_class, extra, autocast):
         for name in grads:
             error = (grads[name] - expected[name]).norm() / torch.maximum(expected[name].norm(), floor_share * total)
             assert error < tol, f"step {step} {name}: relative error {error:.2e}"
-        sgd(graphed, grads), sgd(eager, expected)
+        sgd(eager, expected)  # copied in place into the graphed model next step: its graphs must read the new values
         losses.append(loss)
     assert len(graphed._train_graphs.graphs) == 1 and not eager._train_graphs.seen
     assert not torch.equal(losses[2], losses[3]), "a repeated batch drew the same dropout masks"
