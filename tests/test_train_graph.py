@@ -1,4 +1,4 @@
-"""``train_cuda_graph``: training losses replayed from CUDA graphs give the eager steps' losses and gradients (GPU,
+"""``train_cuda_graph``: training steps replayed from CUDA graphs give the eager steps' losses and gradients (GPU,
 every plugin model, padded batches, LTIS selecting, fp32 and bf16 autocast, dropout on with the same random
 numbers, parameters updated between steps, RecBole's trainer with and without graphs, fp16 AMP); the key's checks,
 the cache's life and the guard against two forwards per backward on any machine."""
@@ -119,21 +119,22 @@ class _Replayable:
 
 
 def test_a_second_forward_before_the_backward_is_an_error():
-    """The graph's gradient buffer holds the last replay's only: the backward of an earlier forward must refuse,
-    naming the key, instead of returning another forward's gradients; a backward scales the gradient by the
-    incoming one (the loss is a scalar)."""
+    """The backward graph holds the activations of the last forward replay only: the backward of an earlier
+    forward must refuse, naming the key, instead of returning another forward's gradients."""
     w = torch.ones(2, requires_grad=True)
     entry = train_graph._Entry()
-    entry.loss, entry.flat = torch.zeros(()), torch.zeros(2)
+    entry.output, entry.grad_output = torch.zeros(2), torch.zeros(2)
+    entry.flat = torch.zeros(2)
     entry.grads = [(0, 2, torch.Size([2]))]
-    entry.graph = _Replayable(lambda: (entry.loss.add_(1.0), entry.flat.copy_(entry.loss * torch.tensor([1.0, 2.0]))))
+    entry.forward = _Replayable(lambda: entry.output.add_(1.0))
+    entry.backward = _Replayable(lambda: entry.flat.copy_(entry.grad_output * 3.0))
     first = train_graph._Replay.apply(entry, w)
     second = train_graph._Replay.apply(entry, w)
-    assert first.item() == 1.0 and second.item() == 2.0  # a copy each: not overwritten
-    (3.0 * second).backward()
-    assert w.grad.tolist() == [6.0, 12.0]
+    assert first.tolist() == [1.0, 1.0] and second.tolist() == [2.0, 2.0]  # a copy each: not overwritten
+    second.sum().backward()
+    assert w.grad.tolist() == [3.0, 3.0]
     with pytest.raises(RuntimeError, match="train_cuda_graph: False"):
-        first.backward()
+        first.sum().backward()
 
 
 # --- GPU ------------------------------------------------------------------------------------------------------
@@ -174,9 +175,8 @@ def test_replayed_steps_equal_eager_steps(model_class, extra, autocast):
 
 @gpu
 def test_gradients_accumulate_over_replays_and_a_smaller_batch_runs_eager():
-    """Two backward passes without zeroing add up (autograd owns the gradients, not the graph's buffer), a scaled
-    loss (RecBole's gradient scaler) scales them, and a batch of another shape (an epoch's last) runs eagerly with
-    the right gradients."""
+    """Two backward passes without zeroing add up (autograd owns the gradients, not the graph's buffer), and a
+    batch of another shape (an epoch's last) runs eagerly with the right gradients."""
     model = build(BlossomSASRec, hidden_dropout_prob=0.0, attn_dropout_prob=0.0).cuda().train()
     data, last = batch(4, device="cuda"), batch(5, rows=BATCH - 2, device="cuda")
     for _ in range(2):
@@ -188,10 +188,6 @@ def test_gradients_accumulate_over_replays_and_a_smaller_batch_runs_eager():
     model.calculate_loss(data).backward()
     for n in once:
         torch.testing.assert_close(model.get_parameter(n).grad, 2 * once[n], rtol=1e-5, atol=1e-6)
-    model.zero_grad(set_to_none=True)
-    (model.calculate_loss(data) * 1024.0).backward()
-    for n in once:
-        torch.testing.assert_close(model.get_parameter(n).grad, 1024.0 * once[n], rtol=1e-5, atol=1e-3)
     assert len(model._train_graphs.graphs) == 1
     model.zero_grad(set_to_none=True)
     model.calculate_loss(last).backward()

@@ -118,8 +118,8 @@ class AttentionSASRec(SASRec):
     @staticmethod
     def cuda_graph_setting(config, key):
         """``eval_cuda_graph`` / ``train_cuda_graph`` (default True): whether, on the GPU, ``full_sort_predict`` in
-        eval mode (:mod:`recbole_blossom.model.eval_graph`) / the per-prefix training loss and its gradient
-        (:mod:`recbole_blossom.model.train_graph`) run through CUDA graphs."""
+        eval mode (:mod:`recbole_blossom.model.eval_graph`) / the encoder in a training step
+        (:mod:`recbole_blossom.model.train_graph`) runs through CUDA graphs."""
         use = setting(config, key, True)
         if not isinstance(use, bool):
             raise ValueError(f"{key} must be True or False, got {use!r}")
@@ -130,7 +130,8 @@ class AttentionSASRec(SASRec):
         """``train_graph_max_tokens`` (default 262,144): the largest training batch (rows x ``L`` tokens) that
         ``train_cuda_graph`` records. A graph takes the host's time out of a step, which matters only while the
         GPU's work is as short as the host's (~10 ms at 65,536 tokens on an H100 at the reference sizes), and its
-        memory pool is held between steps: larger batches train eagerly."""
+        memory pool holds more than an eager step (the longest L at batch 64 fell from 91,648 to 56,832 in bf16):
+        larger batches train eagerly."""
         cap = setting(config, "train_graph_max_tokens", 262144)
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
             raise ValueError(f"train_graph_max_tokens must be a non-negative integer, got {cap!r}")
@@ -171,7 +172,18 @@ class AttentionSASRec(SASRec):
         return item_seq_len.to(torch.int32)
 
     def sequence_output(self, item_seq, item_seq_len):
-        """Encoder output at every position: ``(B, L)`` items and ``(B,)`` lengths -> ``(B, L, hidden)``."""
+        """Encoder output at every position: ``(B, L)`` items and ``(B,)`` lengths -> ``(B, L, hidden)``; in
+        training on the GPU through CUDA graphs where ``train_cuda_graph`` and ``train_graph_max_tokens`` allow it
+        (the same function)."""
+        if (self.train_cuda_graph and self.training and item_seq.numel() <= self.train_graph_max_tokens
+                and GraphedTraining.usable(item_seq, item_seq_len)):
+            params = tuple(p for p in self.parameters() if p.requires_grad)
+            if params:
+                return self._train_graphs(self, self.encoder_output, params, item_seq, item_seq_len)
+        return self.encoder_output(item_seq, item_seq_len)
+
+    def encoder_output(self, item_seq, item_seq_len):
+        """:meth:`sequence_output`, eagerly."""
         input_emb = self.item_embedding(item_seq)
         if self.use_position_embedding:
             positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0)
@@ -231,26 +243,10 @@ class AttentionSASRec(SASRec):
     def calculate_loss(self, interaction):
         """SASRec's loss; with the every-position targets in the batch, the mean CE over every real position."""
         if self.TARGET_SEQ not in interaction:
-            return self.prefix_loss(interaction)
+            return super().calculate_loss(interaction)
         self._check_every_position(self.causal, self.loss_type)
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         output = self.sequence_output(item_seq, item_seq_len)  # (B, L, hidden)
         real = torch.arange(item_seq.size(1), device=item_seq.device)[None, :] < item_seq_len[:, None]
         return chunked_cross_entropy(output[real], self.item_embedding.weight,
                                      interaction[self.TARGET_SEQ][real], self.loss_chunk_size)
-
-    def prefix_loss(self, interaction):
-        """SASRec's loss at each row's last position; in training on the GPU through a CUDA graph of the loss and its
-        gradient where ``train_cuda_graph`` and ``train_graph_max_tokens`` allow it (the same function). (The
-        every-position loss stays eager: its rows change from batch to batch, and its mask waits on the host.)"""
-        fields = [f for f in (self.ITEM_SEQ, self.ITEM_SEQ_LEN, self.POS_ITEM_ID, self.NEG_ITEM_ID)
-                  if f in interaction]
-        tensors = [interaction[f] for f in fields]
-        if (self.train_cuda_graph and self.training
-                and interaction[self.ITEM_SEQ].numel() <= self.train_graph_max_tokens
-                and GraphedTraining.usable(*tensors)):
-            params = tuple(p for p in self.parameters() if p.requires_grad)
-            if params:
-                return self._train_graphs(self, lambda *t: SASRec.calculate_loss(self, dict(zip(fields, t))), params,
-                                          *tensors)
-        return super().calculate_loss(interaction)

@@ -1,33 +1,32 @@
-"""CUDA graphs of a model's training loss and its backward (``train_cuda_graph``): the host launches nothing per
+"""CUDA graphs of a model's training forward and backward (``train_cuda_graph``): the host launches nothing per
 layer in a training step.
 
 A training step of these models is bound by the host at the reference sizes: BlossomSASRec's step took the
 same 9-12 ms on an H100 from L = 50 to 32,768 while its GPU work took 7-10 ms, and the host's speed moves by
-1-3 ms from round to round (``benchmarks/NOTES.md``). With the loss's forward and backward recorded once and
-replayed, the host issues one replay, one product and the optimizer step.
+1-3 ms from round to round (``benchmarks/NOTES.md``). With the encoder's forward and backward recorded once and
+replayed, the host issues two replays, the loss and the optimizer step.
 
-:class:`GraphedTraining` runs ``fn(*inputs) -> loss`` (a scalar: the model's per-prefix loss from the batch's
-tensors) as one autograd node. The first call with a new *key* (shapes, dtypes, device, autocast state, the
-parameters that need gradients) runs ``fn`` eagerly; the second records one graph of the loss and of its gradient
-to the parameters, and replays it; later calls copy their inputs into the graph's and replay. The gradient is
-computed with the loss, at the forward (one recording lets the backward reuse the forward's memory as an eager
-step does; two graphs, forward and backward, held 1.7x an eager step's memory, ``benchmarks/NOTES.md`` v9): the
-node's backward only scales it by the incoming gradient (the loss is a scalar, so that is exact; RecBole's gradient
-scaler comes in that way) and hands autograd a fresh copy, which it adds to ``.grad`` as for any node. A forward
-whose loss is never differentiated has paid for the backward anyway. What makes the replays correct:
+:class:`GraphedTraining` runs ``fn(*inputs) -> output`` (the encoder: item sequence and lengths to hidden states)
+as one autograd node. The first call with a new *key* (shapes, dtypes, device, autocast state, the parameters
+that need gradients) runs ``fn`` eagerly; the second records two graphs, the forward with autograd and the
+backward of its output to the parameters (sharing one memory pool), and replays the forward; later calls copy
+their inputs into the graph's and replay. The node's backward copies the incoming gradient in, replays the
+backward graph and hands autograd a fresh copy of the parameters' gradients (which it adds to ``.grad`` as for
+any node). What makes the replays correct:
 
 * random numbers: PyTorch's dropout and the attention kernels' seeds (device tensors, see
   ``recbole_blossom.ops.parallel``) are drawn inside the graph from the CUDA generator, which a replay reads and
   advances as the eager step would: every step draws new masks, the masks the eager step would have drawn;
-* the graph reads the parameters where they are, so the optimizer's in-place updates are seen; the model drops
+* the graphs read the parameters where they are, so the optimizer's in-place updates are seen; the model drops
   the graphs when its parameters move or may be replaced (``.to()``, ``load_state_dict``) and on ``train()`` /
   ``eval()`` (evaluation gets the memory; the next epoch records again);
-* the gradient buffer holds the last replay's: a second forward through the same graph before the first one's
-  backward is an error (eager code would keep both), as is a failed recording; both errors name
-  ``train_cuda_graph: False``.
+* the backward graph uses the activations of the last forward replay: a second forward through the same graph
+  before the first one's backward is an error (eager code would keep both), as is a failed recording; both
+  errors name ``train_cuda_graph: False``.
 
-The pool holds a step's working memory between steps: ``pool_bytes`` says how much, for memory tables. Not used in
-a distributed run (not tested there) nor while another graph is being recorded.
+The pool holds the activations of one step between steps (eager training frees them after the backward and
+reuses the memory for the loss): ``pool_bytes`` says how much it holds, for memory tables. Not used in a
+distributed run (not tested there) nor while another graph is being recorded.
 """
 
 import contextlib
@@ -53,44 +52,45 @@ def _parameters_replaced(module, params, aliases):
 
 
 class _Entry:
-    """One recorded step: static inputs, the graph, its loss and the gradient buffer."""
+    """One recorded step: static inputs, the two graphs, the forward's output, the gradient buffers."""
 
-    __slots__ = ("inputs", "graph", "loss", "grads", "flat", "replays")
+    __slots__ = ("inputs", "forward", "backward", "output", "grad_output", "grads", "flat", "replays")
 
     def __init__(self):
-        self.replays = 0  # replays so far: a backward checks that its forward was the last one
+        self.replays = 0  # forward replays so far: a backward checks that its forward was the last one
 
 
 class _Replay(torch.autograd.Function):
-    """Forward: replay the recorded loss and gradient; backward: the gradient times the incoming one. Inputs are
-    the parameters (so autograd routes their gradients); the entry rides along as a non-tensor argument."""
+    """Forward: replay the recorded forward; backward: replay the recorded backward. Inputs are the parameters
+    (so autograd routes their gradients); the entry rides along as a non-tensor argument."""
 
     @staticmethod
     def forward(ctx, entry, *params):
-        entry.graph.replay()
+        entry.forward.replay()
         entry.replays += 1
         ctx.entry, ctx.replay = entry, entry.replays
-        return entry.loss.clone()  # the next replay overwrites the graph's own
+        return entry.output.clone()  # the next replay overwrites the graph's own output
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_output):
         entry = ctx.entry
         if entry.replays != ctx.replay:
             raise RuntimeError("a training CUDA graph ran its forward again before the backward of an earlier "
                                "forward (two forward passes per backward); set train_cuda_graph: False for "
                                "such a loss")
-        if entry.flat is None:  # parameters of several dtypes: a product each
-            return (None, *(None if g is None else g * grad_loss for g in entry.grads))
-        # one product for all gradients, a new tensor (the graph's buffer is overwritten by the next replay); autograd
-        # keeps views of it
-        flat = entry.flat * grad_loss
+        entry.grad_output.copy_(grad_output)
+        entry.backward.replay()
+        if entry.flat is None:  # parameters of several dtypes: a copy each
+            return (None, *(None if g is None else g.clone() for g in entry.grads))
+        # one copy of all gradients (the graph's buffer is overwritten by the next replay); autograd keeps views
+        flat = entry.flat.clone()
         return (None, *(None if g is None else flat[g[0]:g[1]].view(g[2]) for g in entry.grads))
 
 
 class GraphedTraining(GraphCache):
-    """The scalar ``fn(*inputs)`` with autograd to ``params`` (those of ``module`` that need gradients) through a CUDA
-    graph per key, from the second call of a key on (``module`` and ``fn`` are given with each call, always the
-    same function: holding them would tie the cache to the model)."""
+    """``fn(*inputs)`` with autograd to ``params`` (those of ``module`` that need gradients) through CUDA graphs per
+    key, from the second call of a key on (``module`` and ``fn`` are given with each call, always the same: holding
+    them would tie the cache to the model)."""
 
     what, key_name = "the training step", "train_cuda_graph"
 
@@ -128,26 +128,26 @@ class GraphedTraining(GraphCache):
         rng = torch.cuda.get_rng_state(device)
         with _parameters_replaced(module, params, aliases):
             with torch.cuda.stream(side):
-                with region:  # a warm-up on a side stream, as recording needs (nothing accumulates)
-                    loss = fn(*entry.inputs)
-                if loss.dim() != 0:
-                    raise RuntimeError(f"a graphed training loss must be a scalar, got shape {tuple(loss.shape)}")
-                torch.autograd.grad(loss, aliases, allow_unused=True)
-                del loss
+                with region:  # a warm-up of both passes on a side stream, as recording needs (nothing accumulates)
+                    out = fn(*entry.inputs)
+                torch.autograd.grad(out, aliases, torch.zeros_like(out), allow_unused=True)
+                del out
             torch.cuda.current_stream(device).wait_stream(side)
             # the warm-up's draws are undone: the replay then draws what the eager step would have drawn, so a run
             # with graphs sees the random numbers of one without
             torch.cuda.set_rng_state(rng, device)
-            entry.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.device(device), torch.cuda.graph(entry.graph, pool=self.pool):
-                with region:
-                    loss = fn(*entry.inputs)
-                grads = torch.autograd.grad(loss, aliases, allow_unused=True)
-                used = [g for g in grads if g is not None]
-                one_dtype = len({g.dtype for g in used}) == 1
-                entry.flat = torch.cat([g.reshape(-1) for g in used]) if one_dtype else None
-            self.pool = entry.graph.pool()  # every graph of this model shares one pool
-        entry.loss = loss.detach()
+            entry.forward, entry.backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.device(device):
+                with torch.cuda.graph(entry.forward, pool=self.pool), region:
+                    entry.output = fn(*entry.inputs)
+                self.pool = entry.forward.pool()  # every graph of this model shares one pool
+                entry.grad_output = torch.empty_like(entry.output)
+                with torch.cuda.graph(entry.backward, pool=self.pool):
+                    grads = torch.autograd.grad(entry.output, aliases, entry.grad_output, allow_unused=True)
+                    used = [g for g in grads if g is not None]
+                    one_dtype = len({g.dtype for g in used}) == 1
+                    entry.flat = torch.cat([g.reshape(-1) for g in used]) if one_dtype else None
+        entry.output = entry.output.detach()
         if entry.flat is None:
             entry.grads = grads
             return entry
