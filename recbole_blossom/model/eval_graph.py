@@ -11,8 +11,8 @@ of it; later calls copy their inputs into the graph's and replay it, and return 
 replay overwrites the graph's own). A shape seen once (an evaluation's last, smaller batch) is never recorded.
 The graphs hold their memory until :meth:`GraphedForward.clear`, which the model calls on ``train()`` and
 ``eval()``, and when it moves or loads weights. The graph reads the parameters where they are, so values loaded in
-place are seen by the next replay. A forward that waits on the host (``.item()``, a boolean mask) cannot be recorded: the
-error says to set ``eval_cuda_graph: False``.
+place are seen by the next replay. A forward that waits on the host (``.item()``, a boolean mask) cannot be
+recorded: the error says to set ``eval_cuda_graph: False``.
 """
 
 import torch
