@@ -12,7 +12,9 @@ replay overwrites the graph's own). A shape seen once (an evaluation's last, sma
 The graphs hold their memory until :meth:`GraphedForward.clear`, which the model calls on ``train()`` and
 ``eval()``, and when it moves or loads weights. The graph reads the parameters where they are, so values loaded in
 place are seen by the next replay. A forward that waits on the host (``.item()``, a boolean mask) cannot be
-recorded: the error says to set ``eval_cuda_graph: False``.
+recorded: the error says to set ``eval_cuda_graph: False``. :class:`GraphCache` (a key's first call eager, the
+second recording, the shared pool, the error of a failed recording) is also the base of the training graphs
+(:mod:`recbole_blossom.model.train_graph`).
 """
 
 import torch
