@@ -55,6 +55,12 @@ class GraphCache:
         """Drop every graph and its memory pool."""
         self.seen, self.graphs, self.pool = set(), {}, None
 
+    @staticmethod
+    def input_key(inputs, *extra):
+        """The key of a call: each input's shape, dtype and device, autocast's state and dtype, then ``extra``."""
+        return (tuple((t.shape, t.dtype, t.device) for t in inputs), torch.is_autocast_enabled("cuda"),
+                torch.get_autocast_dtype("cuda"), *extra)
+
     def entry(self, key, record):
         """The recorded entry of ``key``; None at a key's first call (the caller runs eagerly); at its second,
         ``record()`` makes it."""
@@ -97,8 +103,7 @@ class GraphedForward(GraphCache):
                 and not torch.cuda.is_current_stream_capturing())
 
     def __call__(self, fn, *inputs):
-        key = (tuple((t.shape, t.dtype, t.device) for t in inputs), torch.is_autocast_enabled("cuda"),
-               torch.get_autocast_dtype("cuda"))
+        key = self.input_key(inputs)
         entry = self.entry(key, lambda: self._record(fn, inputs, key[1], key[2]))
         if entry is None:
             return fn(*inputs)

@@ -103,8 +103,7 @@ class GraphedTraining(GraphCache):
                 and not (dist.is_available() and dist.is_initialized()))
 
     def __call__(self, module, fn, params, *inputs):
-        key = (tuple((t.shape, t.dtype, t.device) for t in inputs), torch.is_autocast_enabled("cuda"),
-               torch.get_autocast_dtype("cuda"), tuple(map(id, params)))
+        key = self.input_key(inputs, tuple(map(id, params)))
         entry = self.entry(key, lambda: self._record(module, fn, params, inputs, key[1], key[2]))
         if entry is None:
             return fn(*inputs)
