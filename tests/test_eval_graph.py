@@ -13,6 +13,7 @@ from tiny_runs import inside, model_without_data, tiny
 
 import recbole_blossom
 from recbole_blossom import BlossomConfig, BlossomLinRec, BlossomSASRec, LinRec, SASRecSDPA
+from recbole_blossom.hparams import LONG_HISTORY
 from recbole_blossom.model import eval_graph
 from recbole_blossom.model.eval_graph import GraphedForward
 
@@ -21,8 +22,7 @@ L, N_ITEMS, BATCH = 120, 300, 6
 # reference block sizes: at L = 120 a late query has 7 past selection blocks and keeps 4, so LTIS selects
 SIZES = {"hidden_size": 64, "inner_size": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
          "MAX_ITEM_LIST_LENGTH": L, "initializer_range": 0.2}
-LONG = {"use_rope": False, "ltis_compression": "mean", "gate_bias_ltis": 10.0}
-MODELS = [(SASRecSDPA, {}), (BlossomSASRec, {}), (BlossomSASRec, LONG), (LinRec, {}), (BlossomLinRec, {})]
+MODELS = [(SASRecSDPA, {}), (BlossomSASRec, {}), (BlossomSASRec, LONG_HISTORY), (LinRec, {}), (BlossomLinRec, {})]
 IDS = ["SASRecSDPA", "BlossomSASRec", "BlossomSASRec-long", "LinRec", "BlossomLinRec"]
 
 
