@@ -9,8 +9,8 @@ Triton 3.6, building launch metadata and calling empty enter/exit hook chains ar
 alignment, every int argument's value, float arguments by type), per CUDA device, and then calls the compiled
 kernel's launcher directly. The key is at least as fine as Triton's own specialisation (which looks at an int's
 value only through ``== 1``, divisibility by 16 and its width, and at a tensor only through its dtype and
-alignment), so a cached kernel is always the one Triton would pick. Arguments named in ``unkeyed`` (a kernel's
-``do_not_specialize`` seed) are left out of the key.
+alignment), so a cached kernel is always the one Triton would pick. (Dropout seeds are device tensors, so a new
+seed is no new key.)
 
 The direct call is used only with the Triton versions whose launcher convention it was written for
 (:data:`DIRECT_VERSIONS`), on compiled (not interpreted) kernels, and while no launch hook is registered (a
@@ -57,14 +57,6 @@ class _Entry:
 
 
 _CACHES = {}  # (kernel, device) -> {launch key: _Entry}: a loaded kernel belongs to one device
-_UNKEYED = {}  # (kernel, names) -> positions of the unkeyed arguments
-
-
-def _unkeyed_positions(kernel, unkeyed):
-    key = (kernel, unkeyed)
-    if key not in _UNKEYED:
-        _UNKEYED[key] = frozenset(kernel.arg_names.index(name) for name in unkeyed)
-    return _UNKEYED[key]
 
 
 def _arg_key(arg):
@@ -78,14 +70,13 @@ def _arg_key(arg):
     return arg.dtype, ptr() % 16 == 0
 
 
-def launch(kernel, grid, *args, unkeyed=(), **meta):
+def launch(kernel, grid, *args, **meta):
     """``kernel[grid](*args, **meta)`` (``grid`` a tuple; ``meta`` the constexpr arguments, passed by name, and
     launch options such as ``num_warps``), through the cached compiled kernel after the first call of a key."""
     if not (_direct_ok and isinstance(kernel, JITFunction)) or _hooks_registered():
         kernel[grid](*args, **meta)
         return
-    skip = _unkeyed_positions(kernel, unkeyed) if unkeyed else ()
-    key = (tuple(meta.items()), tuple(_arg_key(a) for i, a in enumerate(args) if i not in skip))
+    key = (tuple(meta.items()), tuple(_arg_key(a) for a in args))
     device, stream = _device_and_stream()
     cache = _CACHES.setdefault((kernel, device), {})
     entry = cache.get(key)
